@@ -1,0 +1,92 @@
+"""Which implementation serves each op: the PyTorch reference or a Triton kernel.
+
+``TRITONBITS_BACKEND`` (read once, when tritonbits is imported) chooses:
+
+- ``auto`` (default): Triton kernels on CUDA/ROCm tensors where Triton is installed, the
+  reference everywhere else. If Triton cannot be imported there, one warning, then the reference.
+- ``torch``: the reference everywhere.
+- ``triton``: Triton kernels on GPU tensors and, with ``TRITON_INTERPRET=1``, on CPU tensors too
+  (how CI runs every kernel without a GPU). Errors are raised, never hidden by a fallback.
+
+Triton itself is imported on the first call of a Triton-backed op, never at import.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import warnings
+
+import torch
+
+from .._ops import REFERENCES, qualname
+
+BACKENDS = ("auto", "torch", "triton")
+
+# op name -> module of tritonbits.backends.triton holding a launcher of the same name and signature.
+TRITON_KERNELS: dict[str, str] = {}
+
+
+def selected_backend() -> str:
+    """The value of TRITONBITS_BACKEND, validated (``auto`` when unset)."""
+    value = os.environ.get("TRITONBITS_BACKEND", "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        warnings.warn(
+            f"TRITONBITS_BACKEND={value!r} is not one of {BACKENDS}; using 'auto'.", RuntimeWarning, stacklevel=2
+        )
+        return "auto"
+    return value
+
+
+def triton_device_types(backend: str) -> tuple[str, ...]:
+    """Device types whose tensors go to Triton kernels under ``backend``."""
+    if backend == "torch" or importlib.util.find_spec("triton") is None:
+        return ()
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+        return ("cuda", "cpu")
+    return ("cuda",)
+
+
+def load_triton_launcher(name: str):
+    """The Triton launcher of op ``name`` (imports Triton and the kernel module)."""
+    module = importlib.import_module(f"tritonbits.backends.triton.{TRITON_KERNELS[name]}")
+    return getattr(module, name)
+
+
+def _lazy_kernel(name: str, strict: bool):
+    """A kernel for the dispatcher that loads the Triton launcher on its first call.
+
+    Not strict (``auto``): if Triton cannot be imported, warn once and use the reference.
+    """
+    launcher = None
+
+    def kernel(*args, **kwargs):
+        nonlocal launcher
+        if launcher is None:
+            try:
+                launcher = load_triton_launcher(name)
+            except ImportError as error:
+                if strict:
+                    raise
+                warnings.warn(
+                    f"tritonbits: Triton kernels unavailable ({error}); using the PyTorch reference for "
+                    f"{name}. Run `python -m tritonbits` for a diagnosis.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                launcher = REFERENCES[name]
+        return launcher(*args, **kwargs)
+
+    kernel.__name__ = f"{name}_triton"
+    return kernel
+
+
+def register_triton_kernels(backend: str | None = None) -> tuple[str, ...]:
+    """Register each op in TRITON_KERNELS for the device types that ``backend`` sends to Triton."""
+    backend = backend or selected_backend()
+    device_types = triton_device_types(backend)
+    for name in TRITON_KERNELS:
+        for device_type in device_types:
+            torch.library.register_kernel(qualname(name), device_type, _lazy_kernel(name, backend == "triton"))
+    return device_types
