@@ -96,7 +96,7 @@ def get_4bit_type(typename: str, device=None, blocksize: int = 64) -> torch.Tens
         data = _AF4_BS64
     else:
         raise NotImplementedError(f"Typename {typename} not supported")
-    table = torch.tensor(data, device=device)
+    table = torch.tensor(data, dtype=torch.float32, device=device)
     return table.div_(table.abs().max())
 
 

@@ -4,9 +4,9 @@ Format (bitsandbytes'): blocks of ``blocksize`` elements of the flattened input,
 absmax per block, one 4-bit code per element. Two codes share a byte, the first element in the
 high nibble. The bytes form a ``[n_bytes / itemsize, 1]`` tensor of ``quant_storage`` words.
 
-Code choice matches bitsandbytes' CUDA kernels: NF4 takes the nearest table value (ties to the
-smaller); FP4 takes its sign bit from ``x < 0`` and the nearest magnitude, so a tiny negative
-value becomes "-0" (code 8) and exact zero "+0" (code 0).
+Code choice matches bitsandbytes' CUDA kernels: the nearest table value by their fixed decision
+thresholds (below). FP4 takes its sign bit from ``x < 0`` and the nearest magnitude, so a tiny
+negative value becomes "-0" (code 8) and exact zero "+0" (code 0).
 """
 
 from __future__ import annotations
@@ -20,19 +20,39 @@ from ..._ops import register_reference
 from ...codebooks import get_4bit_type
 from .quant_blockwise import normalize_by_block, scale_by_block
 
-# FP4 magnitude codes (bits 0-2) in increasing order of value: 0, 0.0625, 2, 3, 4, 6, 8, 12.
+# FP4 magnitude codes (bits 0-2) in increasing order of value: 0, 0.0625, 2, 3, 4, 6, 8, 12 (then /12).
 _FP4_CODES_BY_MAGNITUDE = (0, 1, 6, 7, 4, 5, 2, 3)
+
+# Decision thresholds on x / absmax. They are bitsandbytes' CUDA constants (dQuantizeNF4 and
+# dQuantizeFP4 in kernels.cu), not midpoints recomputed here: a few differ from the float32
+# midpoint by an ulp or more, and matching them keeps codes bit-identical to checkpoints made on
+# GPUs. A value equal to a threshold takes the lower code (the kernels compare with ``x > t``).
+NF4_THRESHOLDS = (
+    -0.8480964004993439,
+    -0.6106329262256622,
+    -0.4599952697753906,
+    -0.33967943489551544,
+    -0.23460740596055984,
+    -0.13791173323988914,
+    -0.045525018125772476,
+    0.03979014977812767,
+    0.1202552504837513,
+    0.2035212516784668,
+    0.2920137718319893,
+    0.3893125355243683,
+    0.5016634166240692,
+    0.6427869200706482,
+    0.8614784181118011,
+)
+# On |x| / absmax; the sign bit comes from x < 0.
+FP4_MAGNITUDE_THRESHOLDS = (0.00260417, 0.0859375, 0.20833333, 0.29166667, 0.4166667, 0.583333, 0.8333333)
 
 
 @lru_cache(maxsize=None)
 def _thresholds(quant_type: str) -> torch.Tensor:
-    """Decision thresholds on x/absmax (float32 midpoints between neighbouring values)."""
-    table = get_4bit_type(quant_type)
-    if quant_type == "nf4":
-        levels = table  # already ascending
-    else:
-        levels = table[list(_FP4_CODES_BY_MAGNITUDE)]
-    return (levels[:-1] + levels[1:]) / 2
+    """float32 decision thresholds (rounded from the decimal constants, as a C compiler does)."""
+    values = NF4_THRESHOLDS if quant_type == "nf4" else FP4_MAGNITUDE_THRESHOLDS
+    return torch.tensor(values, dtype=torch.float32)
 
 
 def encode_4bit(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
