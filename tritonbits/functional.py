@@ -116,6 +116,19 @@ def _require_out(out: Optional[Tensor], shape, dtype: torch.dtype, device: torch
         )
 
 
+def _as_quant_state(state, name: str) -> QuantState:
+    """Our QuantState, or one built from a look-alike (bitsandbytes' QuantState) field by field."""
+    if isinstance(state, QuantState):
+        return state
+    fields = ("absmax", "shape", "code", "blocksize", "quant_type", "dtype", "offset", "state2")
+    if not all(hasattr(state, f) for f in fields):
+        raise TypeError(f"{name} must be a QuantState, got {type(state).__name__}")
+    values = {f: getattr(state, f) for f in fields}
+    if values["state2"] is not None:
+        values["state2"] = _as_quant_state(values["state2"], f"{name}.state2")
+    return QuantState(**values)
+
+
 def is_on_gpu(tensors: Iterable[Optional[Tensor]]) -> bool:
     """True if every tensor given is on one accelerator device; raise if they are spread out.
 
@@ -223,8 +236,7 @@ def dequantize_blockwise(
         if code is None:
             code = dynamic_map(A.device)
         quant_state = QuantState(absmax=absmax, code=code, blocksize=blocksize, dtype=torch.float32)
-    if not isinstance(quant_state, QuantState):
-        raise TypeError(f"quant_state must be a QuantState, got {type(quant_state).__name__}")
+    quant_state = _as_quant_state(quant_state, "quant_state")
     _require_blocksize(quant_state.blocksize)
     if quant_state.dtype not in _ops.FLOAT_DTYPES:
         raise ValueError(f"quant_state.dtype must be float16, bfloat16 or float32, got {quant_state.dtype}")
@@ -346,8 +358,7 @@ def dequantize_4bit(
             blocksize=64 if blocksize is None else blocksize,
             quant_type=quant_type,
         )
-    if not isinstance(quant_state, QuantState):
-        raise TypeError(f"quant_state must be a QuantState, got {type(quant_state).__name__}")
+    quant_state = _as_quant_state(quant_state, "quant_state")
     _require_blocksize(quant_state.blocksize, _ops.BLOCKSIZES_4BIT)
     _require_quant_type(quant_state.quant_type)
     if quant_state.dtype not in _ops.FLOAT_DTYPES:
@@ -406,6 +417,7 @@ def gemv_4bit(
     """
     if state is None:
         raise ValueError("state cannot be None. gemv_4bit() requires the state from quantize_4bit()")
+    state = _as_quant_state(state, "state")
     _require_float(A, "A")
     _require_tensor(B, "B")
     if state.shape is None or len(state.shape) != 2:
