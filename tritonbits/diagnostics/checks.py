@@ -390,4 +390,7 @@ def triton_compile_check(gpu: device_info.GpuInfo, triton: dict, rocm: bool) -> 
         error = triton["import_error"] or "not installed"
         return CheckResult(name, gpu.device, FAIL, 0.0, "Triton is not importable", error, hint_for_failure(
             "no module named 'triton'"))  # fmt: skip
-    return run_check(name, gpu.device, check_triton_kernel, "triton")
+    result = run_check(name, gpu.device, check_triton_kernel, "triton")
+    if result.status == FAIL and not result.detail:
+        result.detail = "could not compile or run the test kernel"
+    return result

@@ -115,9 +115,9 @@ def _sub(text: str) -> str:
     return " " * (_LABEL + 2) + text
 
 
-def _check_lines(check: dict, with_name: bool = True) -> list[str]:
-    name = f"{check['name']:<27}" if with_name else ""
-    via = f"{check['via']:<18}" if with_name else ""
+def _check_lines(check: dict) -> list[str]:
+    name = f"{check['name']:<27}"
+    via = f"{check['via']:<18}"
     seconds = f"{check['seconds']:7.3f} s" if check["status"] != checks.SKIP else " " * 9
     lines = [f"  {check['status']:<4}  {check['device']:<7} {name}{via}{seconds}  {check['detail']}".rstrip()]
     if check.get("error"):
@@ -149,7 +149,9 @@ def _triton_lines(triton: dict, have_gpu: bool) -> list[str]:
         state += "; no GPU to compile for (on CPU, kernels run only under TRITON_INTERPRET=1)"
     lines = [_line("Triton", state)]
     for check in triton.get("compile", []):
-        lines += [_sub(line.strip()) if i == 0 else line for i, line in enumerate(_check_lines(check, False))]
+        seconds = f" ({check['seconds']:.2f} s)" if check["status"] != checks.SKIP else ""
+        lines.append(_sub(f"{check['status']:<4}  {check['device']:<7} {check['detail']}{seconds}"))
+        lines += [_sub(f"      {key}: {check[key]}") for key in ("error", "hint") if check.get(key)]
     return lines
 
 
