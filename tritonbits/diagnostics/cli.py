@@ -167,8 +167,8 @@ def format_text(result: dict) -> str:
         "",
         _line("Platform", f"{platform_facts.get('platform', 'unknown')}{libc}"),
         _line("Python", f"{python.get('version', 'unknown')} ({python.get('executable', '')})"),
-        _line("PyTorch", f"{torch_facts.get('version', 'unknown')}, built for CUDA {torch_facts.get('cuda') or 'none'}, "
-                         f"HIP {torch_facts.get('hip') or 'none'}"),  # fmt: skip
+        _line("PyTorch", f"{torch_facts.get('version', 'unknown')}, built for "
+                         f"CUDA {torch_facts.get('cuda') or 'none'}, HIP {torch_facts.get('hip') or 'none'}"),  # fmt: skip
         *_gpu_lines(result.get("gpus", {})),
         *_triton_lines(result.get("triton", {}), bool(result.get("gpus", {}).get("devices"))),
         _line("Packages", ", ".join(f"{name} {version or '-'}" for name, version in packages.items()) or "-"),
