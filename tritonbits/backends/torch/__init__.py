@@ -1,3 +1,3 @@
 """Pure-PyTorch reference implementations, registered for every device on import."""
 
-from . import int8, quant_4bit, quant_blockwise  # noqa: F401  (imported for registration)
+from . import int8, optim, quant_4bit, quant_blockwise  # noqa: F401  (imported for registration)
