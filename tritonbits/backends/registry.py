@@ -25,7 +25,15 @@ from .._ops import REFERENCES, qualname
 BACKENDS = ("auto", "torch", "triton")
 
 # op name -> module of tritonbits.backends.triton holding a launcher of the same name and signature.
-TRITON_KERNELS: dict[str, str] = {}
+TRITON_KERNELS: dict[str, str] = {
+    "quantize_blockwise": "quant_blockwise",
+    "dequantize_blockwise": "quant_blockwise",
+    "quantize_4bit": "quant_4bit",
+    "dequantize_4bit": "quant_4bit",
+    "int8_vectorwise_quant": "int8",
+    "int8_vectorwise_dequant": "int8",
+    "gemv_4bit": "gemv_4bit",
+}
 
 
 def selected_backend() -> str:
