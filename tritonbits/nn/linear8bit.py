@@ -171,7 +171,8 @@ class Linear8bitLt(nn.Linear):
         scb = self._current_scb()
         if not self.state.has_fp16_weights and scb is not None:
             destination[prefix + "SCB"] = scb if keep_vars else scb.detach()
-            destination[prefix + "weight_format"] = torch.tensor(LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING["row"], dtype=torch.uint8)
+            row_major = LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING["row"]
+            destination[prefix + "weight_format"] = torch.tensor(row_major, dtype=torch.uint8)
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
