@@ -1,0 +1,1 @@
+"""tritonbits benchmarks: ``python benchmarks/run.py`` (see benchmarks/README.md)."""
