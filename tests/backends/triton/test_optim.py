@@ -1,0 +1,290 @@
+"""Fused Triton optimizer updates against the PyTorch reference (``backends/torch/optim.py``).
+
+Each step starts both implementations from the same inputs (the reference's previous output), so
+a difference cannot grow over the steps and every step is checked on its own.
+
+What is compared, and how closely:
+
+- 8-bit codes and absmax, 32-bit states: exactly (``torch.equal``). They do not depend on a
+  square root.
+- Parameters: within 1 unit in the last place of their dtype (``rtol=finfo.eps``, ``atol=0``),
+  and at least half of them bit-identical. The only difference is the square root: the kernel's
+  ``sqrt_rn`` is IEEE-rounded; torch's float32 ``sqrt`` on CPU (AVX2 build) is not (1 ulp off
+  for ~18% of inputs). On CUDA both are IEEE and ``tests/gpu/check_optim_kernels.py`` asserts
+  bit-identity.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tritonbits.codebooks import create_dynamic_map
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SIZES = [1, 255, 256, 1000]
+RULES_8BIT = ["adam", "momentum", "rmsprop", "adagrad", "lion", "ademamix"]
+RULES_32BIT = ["adam", "lamb", "momentum", "lars", "rmsprop", "adagrad", "lion", "ademamix"]
+TWO_STATE = ("adam", "lamb", "ademamix")
+STEPS = 3
+HYPER = dict(beta1=0.9, beta2=0.99, beta3=0.999, alpha=5.0, eps=1e-6, lr=1e-2, weight_decay=0.01, gnorm_scale=0.75)
+
+
+@pytest.fixture(scope="module")
+def qmaps():
+    return create_dynamic_map(signed=True), create_dynamic_map(signed=False)
+
+
+def _state1_values(shape, name, rng):
+    """Random first states: momenta are signed; rmsprop/adagrad's state1 is a sum of squares."""
+    values = torch.randn(shape, generator=rng) * 0.1
+    return values.abs() if name in ("rmsprop", "adagrad") else values
+
+
+def _quantized(values, qmap):
+    """Codes and absmax of float32 ``values`` (blocks of 256), as the optimizer stores them."""
+    from tritonbits._ops import REFERENCES
+
+    codes, absmax = REFERENCES["quantize_blockwise"](values.reshape(-1), qmap, 256)
+    return codes.view(values.shape), absmax
+
+
+def _states_8bit(name, shape, rng, qmaps):
+    """Random (non-zero) 8-bit states: (state1, state2, absmax1, absmax2)."""
+    n = math.prod(shape)
+    rows = [_quantized(_state1_values((n,), name, rng), qmaps[0]) for _ in range(2 if name == "ademamix" else 1)]
+    if name == "ademamix":  # two momenta, each quantized as its own [n] tensor
+        s1 = torch.stack([codes for codes, _ in rows]).view(2, *shape)
+        a1 = torch.stack([absmax for _, absmax in rows])
+    else:
+        s1, a1 = rows[0][0].view(shape), rows[0][1]
+    if name not in TWO_STATE:
+        return s1, None, a1, None
+    s2, a2 = _quantized(torch.rand(shape, generator=rng) * 0.01, qmaps[1])
+    return s1, s2, a1, a2
+
+
+def _states_32bit(name, shape, rng):
+    shape1 = (2, *shape) if name == "ademamix" else shape
+    s1 = _state1_values(shape1, name, rng)
+    s2 = torch.rand(shape, generator=rng) * 0.01 if name in TWO_STATE else None
+    return s1, s2
+
+
+def _clone(tensors, device):
+    return [None if t is None else t.clone().to(device) for t in tensors]
+
+
+def _assert_params_close(actual, expected, before):
+    """p after a step: within 1 ulp of its dtype plus 2**-21 of the update (see the module docstring).
+
+    One ulp of a square root changes the update by 2**-24 relative; the extra factor covers the
+    division after it and rounding to p's dtype, and the update term covers p near 0, where the
+    update is larger than p itself.
+    """
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    dtype = expected.dtype
+    actual, expected, before = actual.float(), expected.float(), before.float()
+    bound = torch.finfo(dtype).eps * expected.abs() + 2.0**-21 * (expected - before).abs()
+    assert ((actual - expected).abs() <= bound).all(), (actual - expected).abs().max()
+    if actual.numel():
+        assert (actual == expected).float().mean() >= 0.5
+
+
+def _run_8bit(fn, name, g, p, states, qmaps, step, hyper, skip_zeros=False):
+    s1, s2, a1, a2 = states
+    two = name in TWO_STATE
+    fn(name, g, p, s1, s2, hyper["beta1"], hyper["beta2"], hyper["beta3"], hyper["alpha"], hyper["eps"], step,
+       hyper["lr"], qmaps[0], qmaps[1] if two else None, a1, a2, hyper["weight_decay"], hyper["gnorm_scale"],
+       skip_zeros)  # fmt: skip
+
+
+def _check_8bit_steps(launcher, reference, name, dtype, shape, rng, device, qmaps, hyper=HYPER, grads=None,
+                      skip_zeros=False, p_view=None):  # fmt: skip
+    p = (torch.randn(shape, generator=rng)).to(dtype)
+    states = list(_states_8bit(name, shape, rng, qmaps))
+    qm = _clone(qmaps, device)
+    for step in range(1, STEPS + 1):
+        g = grads[step - 1] if grads is not None else (torch.randn(shape, generator=rng) * 0.5).to(dtype)
+        ours_p, *ours_states = _clone([p, *states], device)
+        ref_p, *ref_states = _clone([p, *states], "cpu")
+        if p_view is not None:  # update a non-contiguous view of the same values
+            ours_p = p_view(ours_p)
+            ref_p = p_view(ref_p)
+            g = p_view(g)
+        _run_8bit(launcher("optimizer_update_8bit_blockwise"), name, g.to(device), ours_p, ours_states, qm, step,
+                  hyper, skip_zeros)  # fmt: skip
+        _run_8bit(reference("optimizer_update_8bit_blockwise"), name, g, ref_p, ref_states, qmaps, step, hyper,
+                  skip_zeros)  # fmt: skip
+        for ours, ref in zip(ours_states, ref_states):
+            if ref is not None:
+                assert torch.equal(ours.cpu(), ref)  # exact: codes and absmax do not involve sqrt
+        _assert_params_close(ours_p.cpu(), ref_p, p if p_view is None else p_view(p))
+        p, states = ref_p.contiguous() if p_view is None else ref_p, ref_states
+        if p_view is not None:
+            p = p_view(ref_p)  # back to the storage layout (the view functions are involutions)
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", RULES_8BIT)
+def test_8bit_blockwise_matches_reference(launcher, reference, rng, device, qmaps, name, dtype, size):
+    _check_8bit_steps(launcher, reference, name, dtype, (size,), rng, device, qmaps)
+
+
+@pytest.mark.parametrize("name", RULES_8BIT)
+def test_8bit_blockwise_options(launcher, reference, rng, device, qmaps, name):
+    # No weight decay, skip_zeros with exact-zero gradients, and (adam/ademamix) non-finite
+    # gradients, which reset the states and keep p. 2-D shape with a partial last block.
+    shape = (7, 99)
+    grads = []
+    for _ in range(STEPS):
+        g = torch.randn(shape, generator=rng)
+        g[torch.rand(shape, generator=rng) < 0.2] = 0.0
+        if name in TWO_STATE:
+            g[0, :3] = torch.tensor([float("inf"), float("-inf"), float("nan")])
+        grads.append(g)
+    hyper = dict(HYPER, weight_decay=0.0, gnorm_scale=1.0)
+    _check_8bit_steps(launcher, reference, name, torch.float32, shape, rng, device, qmaps, hyper, grads, True)
+
+
+@pytest.mark.parametrize("name", ["adam", "momentum", "lion"])
+def test_8bit_blockwise_non_contiguous(launcher, reference, rng, device, qmaps, name):
+    transpose = lambda t: t.t()  # noqa: E731  (a [33, 31] storage seen as its [31, 33] transpose)
+    _check_8bit_steps(launcher, reference, name, torch.float32, (33, 31), rng, device, qmaps, p_view=transpose)
+
+
+def test_8bit_blockwise_empty(launcher, device, qmaps):
+    p = torch.empty(0, device=device)
+    s1, a1 = torch.empty(0, dtype=torch.uint8, device=device), torch.empty(0, device=device)
+    launcher("optimizer_update_8bit_blockwise")(
+        "momentum", p.clone(), p, s1, None, 0.9, 0.0, 0.0, 0.0, 1e-8, 1, 1e-3, qmaps[0].to(device), None, a1, None,
+        0.0, 1.0, False,
+    )  # fmt: skip
+    assert p.numel() == 0 and s1.numel() == 0
+
+
+def _run_32bit(fn, name, g, p, s1, s2, unorm_vec, step, hyper, max_unorm=0.0, skip_zeros=False):
+    param_norm = p.float().norm().item() if max_unorm > 0 else 0.0
+    fn(name, g, p, s1, s2, unorm_vec, max_unorm, param_norm, hyper["beta1"], hyper["beta2"], hyper["beta3"],
+       hyper["alpha"], hyper["eps"], hyper["weight_decay"], step, hyper["lr"], hyper["gnorm_scale"], skip_zeros)  # fmt: skip
+
+
+def _check_32bit_steps(launcher, reference, name, dtype, shape, rng, device, hyper=HYPER, max_unorm=0.0,
+                       zero_fraction=0.0, skip_zeros=False):  # fmt: skip
+    p = torch.randn(shape, generator=rng).to(dtype)
+    s1, s2 = _states_32bit(name, shape, rng)
+    unorm = torch.zeros(1) if max_unorm > 0 else None
+    for step in range(1, STEPS + 1):
+        g = torch.randn(shape, generator=rng) * 0.5
+        g[torch.rand(shape, generator=rng) < zero_fraction] = 0.0
+        g = g.to(dtype)
+        ours = _clone([p, s1, s2, unorm], device)
+        ref = _clone([p, s1, s2, unorm], "cpu")
+        _run_32bit(launcher("optimizer_update_32bit"), name, g.to(device), *ours, step, hyper, max_unorm, skip_zeros)
+        _run_32bit(reference("optimizer_update_32bit"), name, g, *ref, step, hyper, max_unorm, skip_zeros)
+        for mine, theirs in zip(ours[1:3], ref[1:3]):
+            if theirs is not None:
+                assert torch.equal(mine.cpu(), theirs)  # exact: the states do not involve sqrt
+        if max_unorm > 0:
+            # The squared norm is the reference's own PyTorch sum on the same device: exact.
+            assert torch.equal(ours[3].cpu(), ref[3])
+        _assert_params_close(ours[0].cpu(), ref[0], p)
+        p, s1, s2, unorm = ref
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", RULES_32BIT)
+def test_32bit_matches_reference(launcher, reference, rng, device, name, dtype, size):
+    _check_32bit_steps(launcher, reference, name, dtype, (size,), rng, device)
+
+
+@pytest.mark.parametrize("name", RULES_32BIT)
+def test_32bit_trust_ratio_and_skip_zeros(launcher, reference, rng, device, name):
+    # max_unorm > 0 (LAMB/LARS's trust ratio, also accepted by every rule) with a small bound so
+    # that it clips; no weight decay; skip_zeros with exact-zero gradients.
+    hyper = dict(HYPER, weight_decay=0.0)
+    _check_32bit_steps(launcher, reference, name, torch.float32, (5, 77), rng, device, hyper, max_unorm=0.002,
+                       zero_fraction=0.2, skip_zeros=True)  # fmt: skip
+
+
+def test_32bit_non_contiguous(launcher, reference, rng, device):
+    p = torch.randn(40, 30, generator=rng).t()
+    g = torch.randn(40, 30, generator=rng).t()
+    s1, s2 = torch.randn(30, 40, generator=rng) * 0.1, torch.rand(40, 30, generator=rng).t() * 0.01
+    ours, ref = _clone([p, s1, s2], device), _clone([p, s1, s2], "cpu")
+    ours[0], ours[2] = ours[0].t().contiguous().t(), ours[2].t().contiguous().t()  # keep them transposed
+    _run_32bit(launcher("optimizer_update_32bit"), "adam", g.to(device), *ours, None, 1, HYPER)
+    _run_32bit(reference("optimizer_update_32bit"), "adam", g, *ref, None, 1, HYPER)
+    assert not ours[0].is_contiguous()
+    assert torch.equal(ours[1].cpu(), ref[1]) and torch.equal(ours[2].cpu(), ref[2])  # exact
+    _assert_params_close(ours[0].cpu(), ref[0], p)
+
+
+# ---------------------------------------------------------------------------------------------
+# multi-tensor launches
+
+MULTI_SIZES = [1000, 1, 255, 0, 256, 3000, 513]
+
+
+@pytest.fixture
+def kernels(launcher, monkeypatch):
+    """The kernel module, with the one-launch size limit lowered so both launch paths run."""
+    from tritonbits.backends.triton import optim
+
+    launcher("optimizer_update_32bit")  # imports the module as the dispatcher would
+    monkeypatch.setattr(optim, "_MULTI_MAX_NUMEL", 2048)
+    return optim
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", RULES_8BIT)
+def test_multi_tensor_8bit_equals_per_tensor(kernels, rng, device, qmaps, name, dtype):
+    two = name in TWO_STATE
+    qm = _clone(qmaps, device)
+    ps = [torch.randn(n, generator=rng).to(dtype).to(device) for n in MULTI_SIZES]
+    gs = [(torch.randn(n, generator=rng) * 0.5).to(dtype).to(device) for n in MULTI_SIZES]
+    states = [_clone(_states_8bit(name, (n,), rng, qmaps), device) for n in MULTI_SIZES]
+    single = [_clone([p, *s], device) for p, s in zip(ps, states)]
+    for step in (1, 2):
+        kernels.multi_tensor_update_8bit_blockwise(
+            name, gs, ps, [s[0] for s in states], [s[1] for s in states] if two else None, HYPER["beta1"],
+            HYPER["beta2"], HYPER["beta3"], HYPER["alpha"], HYPER["eps"], step, HYPER["lr"], qm[0],
+            qm[1] if two else None, [s[2] for s in states], [s[3] for s in states] if two else None,
+            HYPER["weight_decay"], HYPER["gnorm_scale"],
+        )  # fmt: skip
+        for g, (p, *s) in zip(gs, single):
+            _run_8bit(kernels.optimizer_update_8bit_blockwise, name, g, p, s, qm, step, HYPER)
+    for p, s, (p1, *s1) in zip(ps, states, single):
+        for mine, theirs in zip([p, *s], [p1, *s1]):
+            if theirs is not None:
+                assert torch.equal(mine, theirs)  # exact: the same kernel code on the same inputs
+
+
+@pytest.mark.parametrize("name", RULES_32BIT)
+def test_multi_tensor_32bit_equals_per_tensor(kernels, rng, device, name):
+    ps = [torch.randn(n, generator=rng, dtype=torch.float32).to(device) for n in MULTI_SIZES]
+    gs = [(torch.randn(n, generator=rng) * 0.5).to(device) for n in MULTI_SIZES]
+    states = [_clone(_states_32bit(name, (n,), rng), device) for n in MULTI_SIZES]
+    single = [_clone([p, *s], device) for p, s in zip(ps, states)]
+    h = HYPER
+    for step in (1, 2):
+        kernels.multi_tensor_update_32bit(
+            name, gs, ps, [s[0] for s in states], [s[1] for s in states], h["beta1"], h["beta2"], h["beta3"],
+            h["alpha"], h["eps"], h["weight_decay"], step, h["lr"], h["gnorm_scale"],
+        )  # fmt: skip
+        for g, (p, s1, s2) in zip(gs, single):
+            _run_32bit(kernels.optimizer_update_32bit, name, g, p, s1, s2, None, step, h)
+    for p, s, (p1, *s1) in zip(ps, states, single):
+        for mine, theirs in zip([p, *s], [p1, *s1]):
+            if theirs is not None:
+                assert torch.equal(mine, theirs)  # exact: the same kernel code on the same inputs
+
+
+def test_multi_tensor_rejects_mixed_dtypes(kernels, device):
+    ps = [torch.zeros(10, device=device), torch.zeros(10, device=device, dtype=torch.bfloat16)]
+    with pytest.raises(ValueError, match="ps must share one dtype"):
+        kernels.multi_tensor_update_32bit("momentum", ps, ps, ps, None, 0.9, 0, 0, 0, 1e-8, 0.0, 1, 1e-3)

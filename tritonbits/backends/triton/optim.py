@@ -1,0 +1,621 @@
+"""Fused optimizer updates: one kernel reads the gradient, parameter and states and writes them back.
+
+The update rules, their operation order and their special cases are those of
+``backends/torch/optim.py`` (its module docstring has the table); results are bit-identical to
+that reference. Every multiply, add, division (``div_rn``) and square root (``sqrt_rn``) is one
+IEEE float32 operation in the reference's order, and kernels are compiled with
+``enable_fp_fusion=False`` so that the GPU does not contract ``a * b + c`` into one FMA (which
+would round once where the reference rounds twice). Python float hyperparameters enter as
+float32, as they do in the reference's ``tensor * float``.
+
+32-bit states: an elementwise kernel over tiles of ``_BLOCK_32BIT`` elements.
+
+8-bit blockwise states: one program owns ``_BLOCKS_PER_PROGRAM`` whole state blocks of 256
+elements, a ``[blocks, 256]`` tile in registers. It dequantizes the codes (``qmap[code] *
+absmax``), applies the rule in float32, takes each block's new absmax (a row reduction: the
+whole block must be updated before any element can be requantized), finds the nearest code by an
+8-level walk down the qmap's midpoint tree (the search of ``quant_blockwise.py``), applies the
+reference's sign rules, and writes the parameter, the codes and the absmax. So a step reads
+``g``, ``p``, the codes and absmax once and writes ``p``, codes and absmax once.
+
+Multi-tensor: :func:`multi_tensor_update_32bit` and :func:`multi_tensor_update_8bit_blockwise`
+update a list of parameters sharing hyperparameters in one launch. The launcher writes one int64
+table (tile offsets, element counts and each tensor's data pointers); each program finds its
+tensor by binary search over the tile offsets and casts the stored addresses back to pointers.
+
+Not fused (computed with the reference's PyTorch code, on the device, before or after the
+kernel): the squared update norm that LAMB/LARS (``max_unorm > 0``) need over the whole tensor.
+The trust ratio itself is applied inside the kernel, without a host synchronization.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..._ops import num_blocks
+from ..torch import optim as reference
+from . import cast_rtne, interpreting
+from .quant_blockwise import search_tables
+
+# Rule ids (constexpr): lamb and lars are adam and momentum with a trust ratio.
+ADAM, MOMENTUM, RMSPROP, ADAGRAD, LION, ADEMAMIX = 0, 1, 2, 3, 4, 5
+_RULES = {
+    "adam": ADAM,
+    "lamb": ADAM,
+    "momentum": MOMENTUM,
+    "lars": MOMENTUM,
+    "rmsprop": RMSPROP,
+    "adagrad": ADAGRAD,
+    "lion": LION,
+    "ademamix": ADEMAMIX,
+}
+_RULES_8BIT = ("adam", "momentum", "rmsprop", "adagrad", "lion", "ademamix")
+_TWO_STATE = (ADAM, ADEMAMIX)
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+STATE_BLOCK = 256  # elements per absmax block of every 8-bit optimizer state
+# Tuning knobs (module globals so that a benchmark can sweep them).
+_BLOCK_32BIT = 4096  # elements per program, 32-bit states (16 per thread at 8 warps)
+_WARPS_32BIT = 8
+_BLOCKS_PER_PROGRAM = 4  # 256-element state blocks per program, 8-bit states
+_WARPS_8BIT = 4
+# multi_tensor_*: tensors at least this large get their own launch (aligned pointers known to
+# the compiler, so 16-byte accesses); smaller ones share one launch.
+_MULTI_MAX_NUMEL = 1 << 20
+_TABLE_ROWS = 8  # tile offsets, numel, g, p, state1, state2, absmax1, absmax2
+_FLOAT32_TINY = 1.1754943508222875e-38
+
+
+# ---------------------------------------------------------------------------------------------
+# shared device helpers
+
+
+@triton.jit
+def _find_tensor(table_ptr, tile, n_tensors, LOG_TENSORS: tl.constexpr):
+    """Index t of the tensor owning global ``tile``: the largest t with tile_start[t] <= tile."""
+    t = tile * 0
+    for level in tl.static_range(LOG_TENSORS):
+        candidate = t + (1 << (LOG_TENSORS - 1 - level))
+        start = tl.load(table_ptr + candidate, mask=candidate < n_tensors, other=tile + 1)
+        t = tl.where(start <= tile, candidate, t)
+    return t
+
+
+@triton.jit
+def _table_pointer(table_ptr, row: tl.constexpr, t, n_tensors, dtype: tl.constexpr):
+    """Row ``row`` of the [8, n_tensors + 1] int64 table, entry t, as a pointer to ``dtype``."""
+    return tl.load(table_ptr + row * (n_tensors + 1) + t).to(tl.pointer_type(dtype))
+
+
+@triton.jit
+def _trust_ratio(unorm_ptr, limit, HAS_UNORM: tl.constexpr):
+    """The reference's ``s``: limit / ||update|| when that norm exceeds limit, else 1 (float32)."""
+    if HAS_UNORM:
+        unorm = tl.sqrt_rn(tl.load(unorm_ptr).to(tl.float32))
+        # torch evaluates ``float / tensor`` as ``tensor.reciprocal() * float``.
+        return tl.where(unorm > limit, tl.math.div_rn(1.0, unorm) * limit, 1.0)
+    else:
+        return 1.0
+
+
+@triton.jit
+def _sign(x):
+    return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
+
+
+@triton.jit
+def _dequantize(codes_ptr, absmax_ptr, qmap_ptr, offsets, mask, blocks, n_blocks):
+    """float32 ``qmap[code] * absmax[block]`` for a [blocks, 256] tile."""
+    code = tl.load(codes_ptr + offsets, mask=mask, other=0)
+    absmax = tl.load(absmax_ptr + blocks, mask=blocks < n_blocks, other=0.0)
+    return tl.load(qmap_ptr + code.to(tl.int32)) * absmax[:, None]
+
+
+@triton.jit
+def _requantize(values, codes_ptr, absmax_ptr, tree_ptr, info_ptr, offsets, mask, blocks, n_blocks,
+                SIGNED: tl.constexpr):  # fmt: skip
+    """Write a [blocks, 256] float32 tile as codes (nearest qmap entry) and per-row absmax.
+
+    ``tree``: the qmap's 255 midpoints as a breadth-first binary tree (node 1 is the root).
+    ``info[rank]`` (int16) for the rank-th smallest qmap entry: its index in qmap (bits 0-7),
+    whether it is negative (bit 8) and whether it is zero (bit 9), so that the sign rules need no
+    second gather of qmap.
+    """
+    values = tl.where(mask, values, 0.0)
+    absmax = tl.max(tl.abs(values), axis=1)
+    tl.store(absmax_ptr + blocks, absmax, mask=blocks < n_blocks)
+    # Clamping to float32 tiny makes all-zero blocks give zeros instead of NaN.
+    inverse = tl.math.div_rn(tl.full(absmax.shape, 1.0, tl.float32), tl.maximum(absmax, 1.1754943508222875e-38))
+    scaled = values * inverse[:, None]
+    node = tl.full(scaled.shape, 1, tl.int32)
+    for _ in tl.static_range(8):  # go right unless scaled <= midpoint: ties take the smaller entry
+        threshold = tl.load(tree_ptr + node)
+        node = 2 * node + 1 - (scaled <= threshold).to(tl.int32)
+    info = tl.load(info_ptr + (node - 256)).to(tl.int32)
+    index = info & 255
+    if SIGNED:
+        # A value must not round to an entry of the other sign (a tiny negative value to the
+        # entry 0.0): step one entry towards the value's sign. Signs are sign bits, as torch.signbit.
+        value_negative = (values.to(tl.int32, bitcast=True) < 0).to(tl.int32)
+        flipped = ((info >> 8) & 1) != value_negative
+        index = index + tl.where(flipped, tl.where(values > 0, 1, -1), 0)
+    else:
+        # A positive second moment must not round to 0 (Adam would step by ~lr * m / eps).
+        index = index + ((values > 0) & (((info >> 9) & 1) == 1)).to(tl.int32)
+    tl.store(codes_ptr + offsets, index.to(tl.uint8), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# 32-bit states
+
+
+@triton.jit
+def _update_32bit_kernel(
+    g_ptr, p_ptr, state1_ptr, state2_ptr, unorm_ptr, table_ptr, n_tensors, n,
+    beta1, beta2, beta3, one_minus_beta1, one_minus_beta2, one_minus_beta3, alpha, eps, eps_c2, c1, c2,
+    lr, neg_lr, step_size, weight_decay, decay, has_weight_decay, first_step, gnorm_scale, limit,
+    RULE: tl.constexpr, HAS_UNORM: tl.constexpr, SKIP_ZEROS: tl.constexpr, MULTI: tl.constexpr,
+    LOG_TENSORS: tl.constexpr, P_DTYPE: tl.constexpr, BLOCK: tl.constexpr, INTERPRET: tl.constexpr,
+):  # fmt: skip
+    tile = tl.program_id(0).to(tl.int64)
+    if MULTI:
+        t = _find_tensor(table_ptr, tile, n_tensors, LOG_TENSORS)
+        tile = tile - tl.load(table_ptr + t)
+        n = tl.load(table_ptr + (n_tensors + 1) + t)
+        g_ptr = _table_pointer(table_ptr, 2, t, n_tensors, P_DTYPE)
+        p_ptr = _table_pointer(table_ptr, 3, t, n_tensors, P_DTYPE)
+        state1_ptr = _table_pointer(table_ptr, 4, t, n_tensors, tl.float32)
+        state2_ptr = _table_pointer(table_ptr, 5, t, n_tensors, tl.float32)
+    offsets = tile * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    grad = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float32) * gnorm_scale
+    param = tl.load(p_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    s1 = tl.load(state1_ptr + offsets, mask=mask, other=0.0)
+    scale = _trust_ratio(unorm_ptr, limit, HAS_UNORM)
+
+    if RULE == ADAM:
+        s2 = tl.load(state2_ptr + offsets, mask=mask, other=0.0)
+        m = s1 * beta1 + one_minus_beta1 * grad
+        v = s2 * beta2 + one_minus_beta2 * (grad * grad)
+        new_p = param + (scale * step_size) * tl.math.div_rn(m, tl.sqrt_rn(v) + eps_c2)
+        new_p = tl.where(has_weight_decay, new_p * decay, new_p)
+        if SKIP_ZEROS:
+            keep = grad == 0.0
+            new_p = tl.where(keep, param, new_p)
+            m = tl.where(keep, s1, m)
+            v = tl.where(keep, s2, v)
+        tl.store(state1_ptr + offsets, m, mask=mask)
+        tl.store(state2_ptr + offsets, v, mask=mask)
+    elif RULE == ADEMAMIX:
+        s1b = tl.load(state1_ptr + n + offsets, mask=mask, other=0.0)
+        s2 = tl.load(state2_ptr + offsets, mask=mask, other=0.0)
+        m1 = s1 * beta1 + one_minus_beta1 * grad
+        m2 = s1b * beta3 + one_minus_beta3 * grad
+        v = s2 * beta2 + one_minus_beta2 * (grad * grad)
+        numerator = tl.math.div_rn(m1, c1) + alpha * m2
+        new_p = param - lr * tl.math.div_rn(numerator, tl.math.div_rn(tl.sqrt_rn(v), c2) + eps)
+        new_p = tl.where(has_weight_decay, new_p * decay, new_p)
+        tl.store(state1_ptr + offsets, m1, mask=mask)
+        tl.store(state1_ptr + n + offsets, m2, mask=mask)
+        tl.store(state2_ptr + offsets, v, mask=mask)
+    else:
+        if RULE != LION:  # coupled weight decay
+            grad = tl.where(has_weight_decay, grad + param * weight_decay, grad)
+        if RULE == MOMENTUM:
+            s1_new = tl.where(first_step, grad, s1 * beta1 + grad)
+            new_p = param + scale * (neg_lr * s1_new)
+        elif RULE == RMSPROP:
+            s1_new = s1 * beta1 + one_minus_beta1 * (grad * grad)
+            new_p = param - scale * (lr * tl.math.div_rn(grad, tl.sqrt_rn(s1_new) + eps))
+        elif RULE == ADAGRAD:
+            s1_new = s1 + grad * grad
+            new_p = param - lr * tl.math.div_rn(grad, tl.sqrt_rn(s1_new) + eps)
+        else:  # LION
+            decayed = tl.where(has_weight_decay, param * decay, param)
+            new_p = decayed - scale * (lr * _sign(s1 * beta1 + one_minus_beta1 * grad))
+            s1_new = s1 * beta2 + one_minus_beta2 * grad
+        if SKIP_ZEROS:
+            keep = grad == 0.0
+            new_p = tl.where(keep, param, new_p)
+            s1_new = tl.where(keep, s1, s1_new)
+        tl.store(state1_ptr + offsets, s1_new, mask=mask)
+    tl.store(p_ptr + offsets, cast_rtne(new_p, p_ptr.dtype.element_ty, INTERPRET), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# 8-bit blockwise states
+
+
+@triton.jit
+def _update_8bit_kernel(
+    g_ptr, p_ptr, codes1_ptr, codes2_ptr, absmax1_ptr, absmax2_ptr,
+    qmap1_ptr, tree1_ptr, info1_ptr, qmap2_ptr, tree2_ptr, info2_ptr, table_ptr, n_tensors, n,
+    beta1, beta2, beta3, one_minus_beta1, one_minus_beta2, one_minus_beta3, alpha, eps, eps_c2, c1, c2,
+    lr, step_size, weight_decay, decay, has_weight_decay, first_step, gnorm_scale,
+    RULE: tl.constexpr, SKIP_ZEROS: tl.constexpr, MULTI: tl.constexpr, LOG_TENSORS: tl.constexpr,
+    P_DTYPE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr, INTERPRET: tl.constexpr,
+):  # fmt: skip
+    tile = tl.program_id(0).to(tl.int64)
+    if MULTI:
+        t = _find_tensor(table_ptr, tile, n_tensors, LOG_TENSORS)
+        tile = tile - tl.load(table_ptr + t)
+        n = tl.load(table_ptr + (n_tensors + 1) + t)
+        g_ptr = _table_pointer(table_ptr, 2, t, n_tensors, P_DTYPE)
+        p_ptr = _table_pointer(table_ptr, 3, t, n_tensors, P_DTYPE)
+        codes1_ptr = _table_pointer(table_ptr, 4, t, n_tensors, tl.uint8)
+        codes2_ptr = _table_pointer(table_ptr, 5, t, n_tensors, tl.uint8)
+        absmax1_ptr = _table_pointer(table_ptr, 6, t, n_tensors, tl.float32)
+        absmax2_ptr = _table_pointer(table_ptr, 7, t, n_tensors, tl.float32)
+    n_blocks = (n + 255) // 256
+    blocks = tile * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
+    offsets = blocks[:, None] * 256 + tl.arange(0, 256)[None, :]
+    mask = offsets < n
+    raw = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    grad = raw * gnorm_scale
+    param = tl.load(p_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+
+    if RULE == ADAM or RULE == ADEMAMIX:
+        # Non-finite gradients reset the states to 0 and leave p as it was.
+        finite = tl.abs(grad) <= 3.4028234663852886e38  # float32 max: False for inf and NaN
+        v = _dequantize(codes2_ptr, absmax2_ptr, qmap2_ptr, offsets, mask, blocks, n_blocks)
+        v = tl.where(finite, v * beta2 + one_minus_beta2 * grad * grad, 0.0)
+        m = _dequantize(codes1_ptr, absmax1_ptr, qmap1_ptr, offsets, mask, blocks, n_blocks)
+        m = tl.where(finite, m * beta1 + one_minus_beta1 * grad, 0.0)
+        if RULE == ADAM:
+            new_p = param + step_size * tl.math.div_rn(m, tl.sqrt_rn(v) + eps_c2)
+        else:
+            m2 = _dequantize(codes1_ptr + n, absmax1_ptr + n_blocks, qmap1_ptr, offsets, mask, blocks, n_blocks)
+            m2 = tl.where(finite, m2 * beta3 + one_minus_beta3 * grad, 0.0)
+            numerator = tl.math.div_rn(m, c1) + alpha * m2
+            new_p = param - lr * tl.math.div_rn(numerator, tl.math.div_rn(tl.sqrt_rn(v), c2) + eps)
+            _requantize(m2, codes1_ptr + n, absmax1_ptr + n_blocks, tree1_ptr, info1_ptr, offsets, mask, blocks,
+                        n_blocks, SIGNED=True)  # fmt: skip
+        new_p = tl.where(has_weight_decay, new_p * decay, new_p)
+        new_p = tl.where(finite, new_p, param)
+        _requantize(m, codes1_ptr, absmax1_ptr, tree1_ptr, info1_ptr, offsets, mask, blocks, n_blocks, SIGNED=True)
+        _requantize(v, codes2_ptr, absmax2_ptr, tree2_ptr, info2_ptr, offsets, mask, blocks, n_blocks, SIGNED=False)
+    else:
+        s1 = _dequantize(codes1_ptr, absmax1_ptr, qmap1_ptr, offsets, mask, blocks, n_blocks)
+        if RULE != LION:  # coupled weight decay
+            grad = tl.where(has_weight_decay, grad + param * weight_decay, grad)
+        if RULE == MOMENTUM:
+            s1_new = tl.where(first_step, grad, s1 * beta1 + grad)
+            new_p = param - lr * s1_new
+        elif RULE == RMSPROP:
+            s1_new = s1 * beta1 + one_minus_beta1 * (grad * grad)
+            new_p = param - lr * tl.math.div_rn(grad, tl.sqrt_rn(s1_new) + eps)
+        elif RULE == ADAGRAD:
+            s1_new = s1 + grad * grad
+            new_p = param - lr * tl.math.div_rn(grad, tl.sqrt_rn(s1_new) + eps)
+        else:  # LION
+            decayed = tl.where(has_weight_decay, param * decay, param)
+            new_p = decayed - lr * _sign(s1 * beta1 + one_minus_beta1 * grad)
+            s1_new = s1 * beta2 + one_minus_beta2 * grad
+        if SKIP_ZEROS:  # the 8-bit rules test the raw gradient (before weight decay)
+            keep = raw == 0.0
+            new_p = tl.where(keep, param, new_p)
+            s1_new = tl.where(keep, s1, s1_new)
+        _requantize(s1_new, codes1_ptr, absmax1_ptr, tree1_ptr, info1_ptr, offsets, mask, blocks, n_blocks,
+                    SIGNED=True)  # fmt: skip
+    tl.store(p_ptr + offsets, cast_rtne(new_p, p_ptr.dtype.element_ty, INTERPRET), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# launchers
+
+
+def _rule(optimizer_name: str, allowed) -> int:
+    if optimizer_name not in allowed:
+        raise ValueError(f"optimizer_name must be one of {tuple(allowed)}, got {optimizer_name!r}")
+    return _RULES[optimizer_name]
+
+
+def _scalars(beta1, beta2, beta3, alpha, eps, weight_decay, step, lr, gnorm_scale) -> dict:
+    """Kernel float/int arguments, computed in Python doubles as the reference does."""
+    c1 = 1.0 - beta1**step
+    c2 = math.sqrt(1.0 - beta2**step)
+    return dict(
+        beta1=beta1, beta2=beta2, beta3=beta3, one_minus_beta1=1.0 - beta1, one_minus_beta2=1.0 - beta2,
+        one_minus_beta3=1.0 - beta3, alpha=alpha, eps=eps, eps_c2=eps * c2, c1=c1, c2=c2, lr=lr,
+        step_size=-lr * c2 / c1, weight_decay=weight_decay, decay=1.0 - lr * weight_decay,
+        has_weight_decay=weight_decay > 0.0, first_step=step == 1, gnorm_scale=gnorm_scale,
+    )  # fmt: skip
+
+
+class _Contiguous:
+    """A contiguous tensor to run a kernel on, copied back into ``dst`` by ``write_back()``."""
+
+    def __init__(self, dst: Optional[Tensor]):
+        self.dst = dst
+        self.work = None if dst is None else (dst if dst.is_contiguous() else dst.contiguous())
+
+    def write_back(self) -> None:
+        if self.work is not None and self.work is not self.dst:
+            self.dst.copy_(self.work)
+
+
+_TABLE_CACHE: dict = {}
+
+
+def _search_tables(qmap: Tensor, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """(float32 qmap [256], midpoint tree [256], int16 info [256]) of a sorted 256-entry qmap.
+
+    Cached per qmap tensor (the optimizer passes the same one every step) until it is modified
+    in place or freed; building them needs no host synchronization.
+    """
+    key = (id(qmap), device)
+    hit = _TABLE_CACHE.get(key)
+    if hit is not None and hit[0]() is qmap and hit[1] == qmap._version:
+        return hit[2]
+    values = qmap.to(device=device, dtype=torch.float32).reshape(-1).contiguous()
+    tree, order = search_tables(values)
+    sorted_values = values[order.long()]
+    info = order.to(torch.int32) | (torch.signbit(sorted_values).to(torch.int32) << 8)
+    info = info | ((sorted_values == 0).to(torch.int32) << 9)
+    tables = (values, tree, info.to(torch.int16))
+    if len(_TABLE_CACHE) > 64:
+        _TABLE_CACHE.clear()
+    _TABLE_CACHE[key] = (weakref.ref(qmap), qmap._version, tables)
+    return tables
+
+
+def _launch_options(device: torch.device) -> dict:
+    # No FMA contraction: the reference rounds every product and sum (see the module docstring).
+    return {} if interpreting() and device.type == "cpu" else {"enable_fp_fusion": False}
+
+
+def optimizer_update_32bit(
+    optimizer_name: str,
+    g: Tensor,
+    p: Tensor,
+    state1: Tensor,
+    state2: Optional[Tensor],
+    unorm_vec: Optional[Tensor],
+    max_unorm: float,
+    param_norm: float,
+    beta1: float,
+    beta2: float,
+    beta3: float,
+    alpha: float,
+    eps: float,
+    weight_decay: float,
+    step: int,
+    lr: float,
+    gnorm_scale: float,
+    skip_zeros: bool = False,
+) -> None:
+    """One fused in-place step with float32 states (the ``tritonbits::optimizer_update_32bit`` op).
+
+    Args:
+        g, p: gradient and parameter, same shape and dtype (float32, float16 or bfloat16).
+        state1, state2: float32 shaped like p (ademamix: state1 is [2, *p.shape]; state2 only for
+            adam, lamb and ademamix).
+        unorm_vec: float32 [1], required when ``max_unorm > 0`` (LAMB, LARS): overwritten with the
+            squared update norm (by PyTorch ops), whose trust ratio the kernel applies.
+        param_norm: ||p||_2, used only when ``max_unorm > 0``.
+        step: 1-based step count.
+    """
+    rule = _rule(optimizer_name, _RULES)
+    n = p.numel()
+    if n == 0:
+        return
+    has_unorm = max_unorm > 0.0
+    if has_unorm and optimizer_name != "lion":
+        grad = g.reshape(-1).float() * gnorm_scale
+        unorm_vec.fill_(reference._update_norm_squared(optimizer_name, grad, state1, state2, beta1, beta2, eps, step))
+    limit = max_unorm * param_norm + (0.0 if rule in _TWO_STATE else eps)
+
+    g_work, p_work, s1_work, s2_work = (_Contiguous(t) for t in (g, p, state1, state2))
+    grid = (triton.cdiv(n, _BLOCK_32BIT),)
+    _update_32bit_kernel[grid](
+        g_work.work, p_work.work, s1_work.work, s1_work.work if state2 is None else s2_work.work,
+        unorm_vec if has_unorm else s1_work.work, s1_work.work, 1, n,
+        limit=limit, neg_lr=-lr, RULE=rule, HAS_UNORM=has_unorm, SKIP_ZEROS=bool(skip_zeros), MULTI=False,
+        LOG_TENSORS=0, P_DTYPE=_TL_DTYPES[p.dtype], BLOCK=_BLOCK_32BIT, INTERPRET=interpreting(),
+        num_warps=_WARPS_32BIT, **_scalars(beta1, beta2, beta3, alpha, eps, weight_decay, step, lr, gnorm_scale),
+        **_launch_options(p.device),
+    )  # fmt: skip
+    for work in (p_work, s1_work, s2_work):
+        work.write_back()
+    if has_unorm and optimizer_name == "lion":
+        # Lion's norm is taken after the step, for the next step to read.
+        grad = g.reshape(-1).float() * gnorm_scale
+        unorm_vec.fill_(reference._update_norm_squared("lion", grad, state1, None, beta1, beta2, eps, step))
+
+
+def optimizer_update_8bit_blockwise(
+    optimizer_name: str,
+    g: Tensor,
+    p: Tensor,
+    state1: Tensor,
+    state2: Optional[Tensor],
+    beta1: float,
+    beta2: float,
+    beta3: float,
+    alpha: float,
+    eps: float,
+    step: int,
+    lr: float,
+    qmap1: Tensor,
+    qmap2: Optional[Tensor],
+    absmax1: Tensor,
+    absmax2: Optional[Tensor],
+    weight_decay: float,
+    gnorm_scale: float,
+    skip_zeros: bool = False,
+) -> None:
+    """One fused in-place step with 8-bit blockwise states (``tritonbits::optimizer_update_8bit_blockwise``).
+
+    Args:
+        g, p: gradient and parameter, same shape and dtype (float32, float16 or bfloat16).
+        state1: uint8 codes shaped like p (ademamix: [2, *p.shape]) into ``qmap1`` (256 sorted
+            float32 entries, the signed dynamic map), with float32 ``absmax1`` [ceil(n / 256)]
+            (ademamix: [2, ceil(n / 256)]).
+        state2, qmap2, absmax2: the second moment (adam, ademamix): uint8 codes into the sorted
+            unsigned map ``qmap2``, float32 absmax [ceil(n / 256)]; None for 1-state rules.
+        step: 1-based step count.
+    """
+    rule = _rule(optimizer_name, _RULES_8BIT)
+    n = p.numel()
+    if n == 0:
+        return
+    device = p.device
+    qmap1_, tree1, info1 = _search_tables(qmap1, device)
+    qmap2_, tree2, info2 = _search_tables(qmap2, device) if rule in _TWO_STATE else (qmap1_, tree1, info1)
+    works = [_Contiguous(t) for t in (g, p, state1, state2, absmax1, absmax2)]
+    g_, p_, c1_, c2_, a1_, a2_ = (w.work for w in works)
+    grid = (triton.cdiv(num_blocks(n, STATE_BLOCK), _BLOCKS_PER_PROGRAM),)
+    _update_8bit_kernel[grid](
+        g_, p_, c1_, c1_ if c2_ is None else c2_, a1_, a1_ if a2_ is None else a2_,
+        qmap1_, tree1, info1, qmap2_, tree2, info2, a1_, 1, n,
+        RULE=rule, SKIP_ZEROS=bool(skip_zeros), MULTI=False, LOG_TENSORS=0, P_DTYPE=_TL_DTYPES[p.dtype],
+        BLOCKS_PER_PROGRAM=_BLOCKS_PER_PROGRAM, INTERPRET=interpreting(), num_warps=_WARPS_8BIT,
+        **_scalars(beta1, beta2, beta3, alpha, eps, weight_decay, step, lr, gnorm_scale), **_launch_options(device),
+    )  # fmt: skip
+    for work in works[1:]:
+        work.write_back()
+
+
+# ---------------------------------------------------------------------------------------------
+# multi-tensor launchers
+
+
+def _pointer_table(tiles: list[int], numels: list[int], columns: list[list[Optional[Tensor]]], device) -> Tensor:
+    """The int64 [8, T + 1] table the MULTI kernels read (rows: tile starts, numel, 6 pointers)."""
+    T = len(tiles)
+    starts = [0]
+    for count in tiles:
+        starts.append(starts[-1] + count)
+    rows = [starts, numels + [0]]
+    for column in columns:
+        rows.append([0 if t is None else t.data_ptr() for t in column] + [0])
+    rows += [[0] * (T + 1)] * (_TABLE_ROWS - len(rows))
+    table = torch.tensor(rows, dtype=torch.int64)
+    if device.type == "cpu":
+        return table
+    # Pinned and asynchronous: the copy does not wait for the kernels queued before it.
+    return table.pin_memory().to(device, non_blocking=True)
+
+
+def _check_multi(gs, ps, state_lists) -> None:
+    count = len(ps)
+    for name, values in (("gs", gs), *state_lists):
+        if values is not None and len(values) != count:
+            raise ValueError(f"{name} has {len(values)} entries, ps has {count}")
+    dtypes = {p.dtype for p in ps}
+    devices = {p.device for p in ps}
+    if len(dtypes) > 1 or len(devices) > 1:
+        raise ValueError(f"ps must share one dtype and device, got dtypes {dtypes} and devices {devices}")
+
+
+def multi_tensor_update_32bit(
+    optimizer_name: str,
+    gs: list[Tensor],
+    ps: list[Tensor],
+    state1s: list[Tensor],
+    state2s: Optional[list[Optional[Tensor]]],
+    beta1: float,
+    beta2: float,
+    beta3: float,
+    alpha: float,
+    eps: float,
+    weight_decay: float,
+    step: int,
+    lr: float,
+    gnorm_scale: float = 1.0,
+    skip_zeros: bool = False,
+) -> None:
+    """:func:`optimizer_update_32bit` (without a trust ratio) for many parameters at once.
+
+    Every ``ps[i]`` shares one dtype, device and the hyperparameters; ``gs``/``state1s``/
+    ``state2s`` are per parameter as in the single-tensor op (``state2s`` None for 1-state
+    rules). Parameters of at least ``_MULTI_MAX_NUMEL`` elements get their own launch; the others
+    share one. Tensors must be contiguous.
+    """
+    rule = _rule(optimizer_name, _RULES)
+    state2s = state2s if rule in _TWO_STATE else [None] * len(ps)
+    _check_multi(gs, ps, [("state1s", state1s), ("state2s", state2s)])
+    small = []
+    for g, p, s1, s2 in zip(gs, ps, state1s, state2s):
+        if p.numel() >= _MULTI_MAX_NUMEL:
+            optimizer_update_32bit(optimizer_name, g, p, s1, s2, None, 0.0, 0.0, beta1, beta2, beta3, alpha, eps,
+                                   weight_decay, step, lr, gnorm_scale, skip_zeros)  # fmt: skip
+        elif p.numel() > 0:
+            small.append((g, p, s1, s2))
+    if not small:
+        return
+    device = small[0][1].device
+    tiles = [triton.cdiv(p.numel(), _BLOCK_32BIT) for _, p, _, _ in small]
+    table = _pointer_table(tiles, [p.numel() for _, p, _, _ in small], [list(c) for c in zip(*small)], device)
+    first = small[0]
+    _update_32bit_kernel[(sum(tiles),)](
+        first[0], first[1], first[2], first[2], first[2], table, len(small), 0,
+        limit=0.0, neg_lr=-lr, RULE=rule, HAS_UNORM=False, SKIP_ZEROS=bool(skip_zeros), MULTI=True,
+        LOG_TENSORS=(len(small) - 1).bit_length(), P_DTYPE=_TL_DTYPES[first[1].dtype], BLOCK=_BLOCK_32BIT,
+        INTERPRET=interpreting(), num_warps=_WARPS_32BIT,
+        **_scalars(beta1, beta2, beta3, alpha, eps, weight_decay, step, lr, gnorm_scale), **_launch_options(device),
+    )  # fmt: skip
+
+
+def multi_tensor_update_8bit_blockwise(
+    optimizer_name: str,
+    gs: list[Tensor],
+    ps: list[Tensor],
+    state1s: list[Tensor],
+    state2s: Optional[list[Optional[Tensor]]],
+    beta1: float,
+    beta2: float,
+    beta3: float,
+    alpha: float,
+    eps: float,
+    step: int,
+    lr: float,
+    qmap1: Tensor,
+    qmap2: Optional[Tensor],
+    absmax1s: list[Tensor],
+    absmax2s: Optional[list[Optional[Tensor]]],
+    weight_decay: float,
+    gnorm_scale: float = 1.0,
+    skip_zeros: bool = False,
+) -> None:
+    """:func:`optimizer_update_8bit_blockwise` for many parameters at once.
+
+    Every ``ps[i]`` shares one dtype, device, the maps ``qmap1``/``qmap2`` and the
+    hyperparameters; the other lists are per parameter as in the single-tensor op (``state2s``
+    and ``absmax2s`` None for 1-state rules). Parameters of at least ``_MULTI_MAX_NUMEL``
+    elements get their own launch; the others share one. Tensors must be contiguous.
+    """
+    rule = _rule(optimizer_name, _RULES_8BIT)
+    if rule not in _TWO_STATE:
+        state2s = absmax2s = [None] * len(ps)
+    _check_multi(gs, ps, [("state1s", state1s), ("state2s", state2s), ("absmax1s", absmax1s), ("absmax2s", absmax2s)])
+    args = (beta1, beta2, beta3, alpha, eps, step, lr, qmap1, qmap2)
+    small = []
+    for g, p, s1, s2, a1, a2 in zip(gs, ps, state1s, state2s, absmax1s, absmax2s):
+        if p.numel() >= _MULTI_MAX_NUMEL:
+            optimizer_update_8bit_blockwise(optimizer_name, g, p, s1, s2, *args, a1, a2, weight_decay, gnorm_scale,
+                                            skip_zeros)  # fmt: skip
+        elif p.numel() > 0:
+            small.append((g, p, s1, s2, a1, a2))
+    if not small:
+        return
+    device = small[0][1].device
+    qmap1_, tree1, info1 = _search_tables(qmap1, device)
+    qmap2_, tree2, info2 = _search_tables(qmap2, device) if rule in _TWO_STATE else (qmap1_, tree1, info1)
+    tiles = [triton.cdiv(num_blocks(p.numel(), STATE_BLOCK), _BLOCKS_PER_PROGRAM) for _, p, *_ in small]
+    table = _pointer_table(tiles, [p.numel() for _, p, *_ in small], [list(c) for c in zip(*small)], device)
+    g0, p0, c0, _, a0, _ = small[0]
+    _update_8bit_kernel[(sum(tiles),)](
+        g0, p0, c0, c0, a0, a0, qmap1_, tree1, info1, qmap2_, tree2, info2, table, len(small), 0,
+        RULE=rule, SKIP_ZEROS=bool(skip_zeros), MULTI=True, LOG_TENSORS=(len(small) - 1).bit_length(),
+        P_DTYPE=_TL_DTYPES[p0.dtype], BLOCKS_PER_PROGRAM=_BLOCKS_PER_PROGRAM, INTERPRET=interpreting(),
+        num_warps=_WARPS_8BIT,
+        **_scalars(beta1, beta2, beta3, alpha, eps, weight_decay, step, lr, gnorm_scale), **_launch_options(device),
+    )  # fmt: skip
