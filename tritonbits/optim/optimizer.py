@@ -297,14 +297,20 @@ class Optimizer8bit(torch.optim.Optimizer):
             self.to_gpu()
             self.initialized = True
         for gindex, group in enumerate(self.param_groups):
+            batched = []  # updated together by multi-tensor Triton launches (see _update_batched)
             for pindex, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
                 if len(self.state[p]) == 0:
                     self.init_state(group, p, gindex, pindex)
+                if self._batchable(p):
+                    batched.append((pindex, p))
+                    continue
                 self.prefetch_state(p)
                 self.update_step(group, p, gindex, pindex)
                 self._evict_state(p)
+            if batched:
+                self._update_batched(group, gindex, batched)
         if getattr(self, "_paged_device", None) is not None:
             # Copies back to host memory are queued on the current stream; wait for them so that
             # host readers (state_dict, the next step's prefetch from another stream) see them.
@@ -313,6 +319,10 @@ class Optimizer8bit(torch.optim.Optimizer):
 
     def init_state(self, group, p, gindex, pindex):
         raise NotImplementedError("init_state method needs to be overridden")
+
+    def _batchable(self, p) -> bool:
+        """Whether p may be updated by a multi-tensor launch instead of ``update_step``."""
+        return False
 
     def update_step(self, group, p, gindex, pindex):
         raise NotImplementedError("The update_step method needs to be overridden")
@@ -497,6 +507,80 @@ class _StatefulOptimizer(Optimizer8bit):
                 state.get("absmax2"), config["weight_decay"], gnorm_scale=gnorm_scale,
                 skip_zeros=config["skip_zeros"],
             )  # fmt: skip
+
+
+    # -- multi-tensor stepping (Triton) --------------------------------------------------------
+    # Parameters whose update is the plain rule (no paging, percentile clipping, trust ratio or
+    # DTensor) are grouped by state width, dtype, device and hyperparameters; each group is
+    # updated by one launch of the Triton multi-tensor kernels (large tensors still get their
+    # own launch there). Same results as update_step: the same kernels, per parameter.
+
+    def _batchable(self, p) -> bool:
+        if type(self).update_step is not _StatefulOptimizer.update_step or self.is_paged:
+            return False
+        state, grad = self.state[p], p.grad
+        if "gnorm_vec" in state or "unorm_vec" in state or _local(p) is not p or _local(grad) is not grad:
+            return False
+        if grad.dtype != p.dtype or not p.is_contiguous() or not grad.is_contiguous():
+            return False
+        return _multi_tensor_kernels(p.device) is not None
+
+    @torch.no_grad()
+    def _update_batched(self, group, gindex, batched):
+        buckets = {}
+        for pindex, p in batched:
+            config = self.get_config(gindex, pindex, group)
+            hyper = (config["eps"], config["lr"], config["weight_decay"])
+            if not all(isinstance(x, (int, float)) for x in (*hyper, *config["betas"])):
+                self.update_step(group, p, gindex, pindex)  # e.g. a tensor lr: the per-parameter op
+                continue
+            state = self.state[p]
+            state["step"] += 1
+            betas = self._betas_alpha(config, state["step"])
+            qmaps = (id(state.get("qmap1")), id(state.get("qmap2")))
+            key = (state["state1"].dtype, p.dtype, p.device, state["step"], betas, hyper, config["skip_zeros"], qmaps)
+            buckets.setdefault(key, []).append(p)
+        for (state_dtype, _, device, step, betas, hyper, skip_zeros, _), params in buckets.items():
+            kernels = _multi_tensor_kernels(device)
+            states = [self.state[p] for p in params]
+            eps, lr, weight_decay = hyper
+            lists = dict(gs=[p.grad for p in params], ps=params, state1s=[s["state1"] for s in states],
+                         state2s=[s.get("state2") for s in states])  # fmt: skip
+            if state_dtype == torch.uint8:
+                kernels.multi_tensor_update_8bit_blockwise(
+                    self.optimizer_name, **lists, beta1=betas[0], beta2=betas[1], beta3=betas[2], alpha=betas[3],
+                    eps=eps, step=step, lr=lr, qmap1=states[0]["qmap1"], qmap2=states[0].get("qmap2"),
+                    absmax1s=[s["absmax1"] for s in states], absmax2s=[s.get("absmax2") for s in states],
+                    weight_decay=weight_decay, gnorm_scale=1.0, skip_zeros=skip_zeros,
+                )  # fmt: skip
+            else:
+                kernels.multi_tensor_update_32bit(
+                    self.optimizer_name, **lists, beta1=betas[0], beta2=betas[1], beta3=betas[2], alpha=betas[3],
+                    eps=eps, weight_decay=weight_decay, step=step, lr=lr, gnorm_scale=1.0, skip_zeros=skip_zeros,
+                )  # fmt: skip
+
+
+_KERNELS_BY_DEVICE: dict = {}
+
+
+def _multi_tensor_kernels(device: torch.device):
+    """tritonbits.backends.triton.optim when Triton serves the optimizer ops on ``device``, else None.
+
+    Follows TRITONBITS_BACKEND as the op registry does (auto: CUDA/ROCm only; triton with
+    TRITON_INTERPRET=1: CPU too); None when Triton cannot be imported.
+    """
+    from ..backends.registry import selected_backend, triton_device_types
+
+    key = (device.type, selected_backend())
+    if key not in _KERNELS_BY_DEVICE:
+        kernels = None
+        if device.type in triton_device_types(key[1]):
+            try:
+                from ..backends.triton import optim as kernels
+            except ImportError:
+                kernels = None
+        _KERNELS_BY_DEVICE[key] = kernels
+    return _KERNELS_BY_DEVICE[key]
 
 
 class Optimizer2State(_StatefulOptimizer):

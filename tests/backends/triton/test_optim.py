@@ -169,7 +169,8 @@ def test_8bit_blockwise_empty(launcher, device, qmaps):
 def _run_32bit(fn, name, g, p, s1, s2, unorm_vec, step, hyper, max_unorm=0.0, skip_zeros=False):
     param_norm = p.float().norm().item() if max_unorm > 0 else 0.0
     fn(name, g, p, s1, s2, unorm_vec, max_unorm, param_norm, hyper["beta1"], hyper["beta2"], hyper["beta3"],
-       hyper["alpha"], hyper["eps"], hyper["weight_decay"], step, hyper["lr"], hyper["gnorm_scale"], skip_zeros)  # fmt: skip
+       hyper["alpha"], hyper["eps"], hyper["weight_decay"], step, hyper["lr"], hyper["gnorm_scale"],
+       skip_zeros)  # fmt: skip
 
 
 def _check_32bit_steps(launcher, reference, name, dtype, shape, rng, device, hyper=HYPER, max_unorm=0.0,
@@ -288,3 +289,101 @@ def test_multi_tensor_rejects_mixed_dtypes(kernels, device):
     ps = [torch.zeros(10, device=device), torch.zeros(10, device=device, dtype=torch.bfloat16)]
     with pytest.raises(ValueError, match="ps must share one dtype"):
         kernels.multi_tensor_update_32bit("momentum", ps, ps, ps, None, 0.9, 0, 0, 0, 1e-8, 0.0, 1, 1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# tritonbits.optim: parameters updated together by the multi-tensor launchers
+
+
+@pytest.mark.parametrize("cls_name", ["AdamW8bit", "Lion8bit", "SGD8bit", "AdEMAMix8bit", "RMSprop8bit"])
+def test_optimizer_step_batches_parameters(kernels, monkeypatch, rng, device, cls_name):
+    import tritonbits.optim as optim
+    from tritonbits.optim import optimizer as base
+
+    # Shapes: two get 8-bit state (>= 4096 elements), two keep 32-bit state; one bf16 group.
+    shapes = [(64, 80), (4099,), (300,), (7, 9)]
+    kwargs = {"lr": 1e-2, "momentum": 0.9} if cls_name == "SGD8bit" else {"lr": 1e-2}
+    p0 = [torch.randn(s, generator=rng) for s in shapes] + [torch.randn(5000, generator=rng).bfloat16()]
+    grads = [[torch.randn(p.shape, generator=rng).to(p.dtype) for p in p0] for _ in range(2)]
+
+    def run(batched: bool):
+        if batched:
+            monkeypatch.setenv("TRITONBITS_BACKEND", "triton")  # Triton serves CPU tensors too (interpreter)
+        else:  # the per-parameter ops (the PyTorch reference on CPU)
+            monkeypatch.setattr(base, "_multi_tensor_kernels", lambda device: None)
+        params = [torch.nn.Parameter(p.clone().to(device)) for p in p0]
+        opt = getattr(optim, cls_name)([{"params": params[:4]}, {"params": params[4:]}], **kwargs)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g.to(device)
+            opt.step()
+        monkeypatch.undo()
+        return params, opt
+
+    launches = []
+    for kind in ("multi_tensor_update_8bit_blockwise", "multi_tensor_update_32bit"):
+        original = getattr(kernels, kind)
+        monkeypatch.setattr(kernels, kind, lambda *a, _f=original, _k=kind, **kw: (launches.append(_k), _f(*a, **kw)))
+    ours, ours_opt = run(batched=True)
+    # Per step: group 0 has one 8-bit and one 32-bit bucket, group 1 one 8-bit bucket.
+    assert sorted(launches) == sorted(["multi_tensor_update_8bit_blockwise"] * 4 + ["multi_tensor_update_32bit"] * 2)
+    ref, ref_opt = run(batched=False)
+    for p, q in zip(ours, ref):
+        # Two steps of the sqrt difference (module docstring), relative to the parameter scale.
+        torch.testing.assert_close(p.detach().cpu(), q.detach().cpu(), rtol=torch.finfo(p.dtype).eps * 4, atol=1e-6)
+        mine, theirs = ours_opt.state[p], ref_opt.state[q]
+        assert mine["step"] == theirs["step"] == 2
+        for key in ("state1", "state2", "absmax1", "absmax2"):
+            if key in theirs:
+                # States of these rules do not read p (no coupled weight decay here) nor a sqrt:
+                # exact, except rmsprop, whose p-independent state is exact too.
+                assert torch.equal(mine[key].cpu(), theirs[key].cpu()), key
+
+
+def _midpoint_block(qmap):
+    """256 float32 values: 1.0 (so absmax is 1 and scaling is exact), then qmap's 255 midpoints."""
+    sorted_map = qmap.float().sort().values
+    return torch.cat([torch.ones(1), (sorted_map[:-1] + sorted_map[1:]) / 2])
+
+
+def test_8bit_requantize_ties_and_sign_rules(launcher, reference, rng, device, qmaps):
+    # Momentum's first step stores the gradient itself, so the gradient chooses what is quantized:
+    # block 0: exact midpoints (ties go to the smaller entry); block 1: negative values that round
+    # to the entry 0.0 must step to the first negative entry (-0.0 counts as negative).
+    tiny = torch.tensor([1.0, -1e-9, 1e-9, -0.0, 0.0, -3e-7, 3e-7])
+    g = torch.cat([_midpoint_block(qmaps[0]), tiny, torch.randn(100, generator=rng)])
+    hyper = dict(HYPER, weight_decay=0.0, gnorm_scale=1.0)
+    results = []
+    for fn, dev in ((launcher, device), (reference, "cpu")):
+        p = torch.ones_like(g).to(dev)
+        s1 = torch.zeros(g.shape, dtype=torch.uint8, device=dev)
+        a1 = torch.zeros(2, device=dev)
+        _run_8bit(fn("optimizer_update_8bit_blockwise"), "momentum", g.to(dev), p, [s1, None, a1, None],
+                  _clone(qmaps, dev), 1, hyper)  # fmt: skip
+        results.append((s1.cpu(), a1.cpu()))
+    (codes, absmax), (ref_codes, ref_absmax) = results
+    assert torch.equal(absmax, ref_absmax) and torch.equal(codes, ref_codes)  # exact
+    values = qmaps[0][ref_codes.long()]
+    sorted_map = qmaps[0].sort().values
+    assert torch.equal(values[1:256], sorted_map[:-1])  # every tie took the smaller entry
+    # -1e-9 and -0.0 leave the entry 0.0 for the first negative one; 1e-9 and +0.0 may round to 0.0.
+    assert values[257:261].tolist() == [sorted_map[126].item(), 0.0, sorted_map[126].item(), 0.0]
+
+
+def test_8bit_second_moment_never_rounds_to_zero(launcher, reference, device, qmaps):
+    # Adam's v = (1 - beta2) g**2: with one large gradient per block, tiny ones give v far below
+    # the smallest positive entry times absmax; they must still get that entry, not 0.
+    g = torch.tensor([1.0, 1e-6, -1e-6, 0.0, 3e-5] * 60)
+    hyper = dict(HYPER, weight_decay=0.0, gnorm_scale=1.0)
+    results = []
+    for fn, dev in ((launcher, device), (reference, "cpu")):
+        tensors = [torch.ones_like(g), torch.zeros(g.shape, dtype=torch.uint8), torch.zeros(g.shape, dtype=torch.uint8),
+                   torch.zeros(2), torch.zeros(2)]  # fmt: skip
+        p, s1, s2, a1, a2 = _clone(tensors, dev)
+        _run_8bit(fn("optimizer_update_8bit_blockwise"), "adam", g.to(dev), p, [s1, s2, a1, a2], _clone(qmaps, dev), 1,
+                  hyper)  # fmt: skip
+        results.append([t.cpu() for t in (s1, s2, a1, a2)])
+    for mine, theirs in zip(*results):
+        assert torch.equal(mine, theirs)  # exact
+    v = qmaps[1][results[1][1].long()]
+    assert (v[1::5] > 0).all() and (v[3::5] == 0).all()  # tiny g: smallest positive entry; g == 0: zero
