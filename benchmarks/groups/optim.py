@@ -170,6 +170,8 @@ def cases(ctx: Context) -> list[Case]:
                 setup=setup,
                 impls=impls,
                 bytes=int(step_bytes(n_states, 32 if name == "AdamW" else 8) * n_params),
+                # Issue 7: AdamW8bit at >= 75% of copy bandwidth (the others have ms targets on H100).
+                target=0.75 if name == "AdamW8bit" else None,
                 info={"params": n_params, "tensors": count, "shape": list(shape), "optimizer": name},
             )
         )
