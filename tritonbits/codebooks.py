@@ -24,6 +24,7 @@ __all__ = [
     "create_linear_map",
     "create_fp8_map",
     "dynamic_map",
+    "cached_table",
 ]
 
 # NormalFloat4 (QLoRA): equal-probability quantiles of N(0, 1), normalized to [-1, 1].
@@ -194,10 +195,22 @@ def _decade_means(i: int, max_exponent_bits: int, points: int, signed: bool) -> 
 
 
 @lru_cache(maxsize=None)
-def _dynamic_map_cpu(signed: bool) -> torch.Tensor:
-    return create_dynamic_map(signed=signed)
+def cached_table(name: str, device: torch.device) -> torch.Tensor:
+    """A table kept on ``device`` for the library's own use; never modify it in place.
+
+    ``name``: ``"nf4"``, ``"fp4"``, ``"dynamic"`` or ``"dynamic_unsigned"``. Caching matters on GPUs:
+    building a table on the host and copying it over on every call would stall the stream.
+    """
+    if name == "dynamic":
+        table = create_dynamic_map(signed=True)
+    elif name == "dynamic_unsigned":
+        table = create_dynamic_map(signed=False)
+    else:
+        table = get_4bit_type(name)
+    return table.to(device)
 
 
 def dynamic_map(device=None, signed: bool = True) -> torch.Tensor:
-    """The default 8-bit code (signed dynamic map) on ``device``; a fresh copy each call."""
-    return _dynamic_map_cpu(signed).to(device, copy=True)
+    """The default 8-bit code (signed dynamic map) on ``device``: a copy the caller may keep."""
+    device = torch.device("cpu") if device is None else torch.device(device)
+    return cached_table("dynamic" if signed else "dynamic_unsigned", device).clone()

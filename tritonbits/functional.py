@@ -16,6 +16,7 @@ from torch import Tensor
 
 from . import _ops
 from .codebooks import (
+    cached_table,
     create_dynamic_map,
     create_fp8_map,
     create_linear_map,
@@ -294,7 +295,7 @@ def quantize_4bit(
             f"so the element count must be a multiple of {codes_per_word} (or use quant_storage=torch.uint8)"
         )
     packed, scales = _ops_ns.quantize_4bit(A, blocksize, quant_type, quant_storage)
-    code = get_4bit_type(quant_type, device=A.device)
+    code = cached_table(quant_type, A.device)
 
     if compress_statistics:
         offset = scales.mean() if scales.numel() else scales.new_zeros(())

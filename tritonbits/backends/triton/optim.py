@@ -56,6 +56,10 @@ _RULES = {
     "lion": LION,
     "ademamix": ADEMAMIX,
 }
+# The same ids as constexpr globals, the only kind a jit function may read.
+_ADAM_ID, _MOMENTUM_ID, _RMSPROP_ID, _ADAGRAD_ID, _LION_ID, _ADEMAMIX_ID = (
+    tl.constexpr(rule) for rule in (ADAM, MOMENTUM, RMSPROP, ADAGRAD, LION, ADEMAMIX)
+)
 _RULES_8BIT = ("adam", "momentum", "rmsprop", "adagrad", "lion", "ademamix")
 _TWO_STATE = (ADAM, ADEMAMIX)
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -180,7 +184,7 @@ def _update_32bit_kernel(
     s1 = tl.load(state1_ptr + offsets, mask=mask, other=0.0)
     scale = _trust_ratio(unorm_ptr, limit, HAS_UNORM)
 
-    if RULE == ADAM:
+    if RULE == _ADAM_ID:
         s2 = tl.load(state2_ptr + offsets, mask=mask, other=0.0)
         m = s1 * beta1 + one_minus_beta1 * grad
         v = s2 * beta2 + one_minus_beta2 * (grad * grad)
@@ -193,7 +197,7 @@ def _update_32bit_kernel(
             v = tl.where(keep, s2, v)
         tl.store(state1_ptr + offsets, m, mask=mask)
         tl.store(state2_ptr + offsets, v, mask=mask)
-    elif RULE == ADEMAMIX:
+    elif RULE == _ADEMAMIX_ID:
         s1b = tl.load(state1_ptr + n + offsets, mask=mask, other=0.0)
         s2 = tl.load(state2_ptr + offsets, mask=mask, other=0.0)
         m1 = s1 * beta1 + one_minus_beta1 * grad
@@ -206,18 +210,18 @@ def _update_32bit_kernel(
         tl.store(state1_ptr + n + offsets, m2, mask=mask)
         tl.store(state2_ptr + offsets, v, mask=mask)
     else:
-        if RULE != LION:  # coupled weight decay
+        if RULE != _LION_ID:  # coupled weight decay
             grad = tl.where(has_weight_decay, grad + param * weight_decay, grad)
-        if RULE == MOMENTUM:
+        if RULE == _MOMENTUM_ID:
             s1_new = tl.where(first_step, grad, s1 * beta1 + grad)
             new_p = param + scale * (neg_lr * s1_new)
-        elif RULE == RMSPROP:
+        elif RULE == _RMSPROP_ID:
             s1_new = s1 * beta1 + one_minus_beta1 * (grad * grad)
             new_p = param - scale * (lr * tl.math.div_rn(grad, tl.sqrt_rn(s1_new) + eps))
-        elif RULE == ADAGRAD:
+        elif RULE == _ADAGRAD_ID:
             s1_new = s1 + grad * grad
             new_p = param - lr * tl.math.div_rn(grad, tl.sqrt_rn(s1_new) + eps)
-        else:  # LION
+        else:  # _LION_ID
             decayed = tl.where(has_weight_decay, param * decay, param)
             new_p = decayed - scale * (lr * _sign(s1 * beta1 + one_minus_beta1 * grad))
             s1_new = s1 * beta2 + one_minus_beta2 * grad
@@ -261,14 +265,14 @@ def _update_8bit_kernel(
     grad = raw * gnorm_scale
     param = tl.load(p_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
 
-    if RULE == ADAM or RULE == ADEMAMIX:
+    if RULE == _ADAM_ID or RULE == _ADEMAMIX_ID:
         # Non-finite gradients reset the states to 0 and leave p as it was.
         finite = tl.abs(grad) <= 3.4028234663852886e38  # float32 max: False for inf and NaN
         v = _dequantize(codes2_ptr, absmax2_ptr, qmap2_ptr, offsets, mask, blocks, n_blocks)
         v = tl.where(finite, v * beta2 + one_minus_beta2 * grad * grad, 0.0)
         m = _dequantize(codes1_ptr, absmax1_ptr, qmap1_ptr, offsets, mask, blocks, n_blocks)
         m = tl.where(finite, m * beta1 + one_minus_beta1 * grad, 0.0)
-        if RULE == ADAM:
+        if RULE == _ADAM_ID:
             new_p = param + step_size * tl.math.div_rn(m, tl.sqrt_rn(v) + eps_c2)
         else:
             m2 = _dequantize(codes1_ptr + n, absmax1_ptr + n_blocks, qmap1_ptr, offsets, mask, blocks, n_blocks)
@@ -283,18 +287,18 @@ def _update_8bit_kernel(
         _requantize(v, codes2_ptr, absmax2_ptr, tree2_ptr, info2_ptr, offsets, mask, blocks, n_blocks, SIGNED=False)
     else:
         s1 = _dequantize(codes1_ptr, absmax1_ptr, qmap1_ptr, offsets, mask, blocks, n_blocks)
-        if RULE != LION:  # coupled weight decay
+        if RULE != _LION_ID:  # coupled weight decay
             grad = tl.where(has_weight_decay, grad + param * weight_decay, grad)
-        if RULE == MOMENTUM:
+        if RULE == _MOMENTUM_ID:
             s1_new = tl.where(first_step, grad, s1 * beta1 + grad)
             new_p = param - lr * s1_new
-        elif RULE == RMSPROP:
+        elif RULE == _RMSPROP_ID:
             s1_new = s1 * beta1 + one_minus_beta1 * (grad * grad)
             new_p = param - lr * tl.math.div_rn(grad, tl.sqrt_rn(s1_new) + eps)
-        elif RULE == ADAGRAD:
+        elif RULE == _ADAGRAD_ID:
             s1_new = s1 + grad * grad
             new_p = param - lr * tl.math.div_rn(grad, tl.sqrt_rn(s1_new) + eps)
-        else:  # LION
+        else:  # _LION_ID
             decayed = tl.where(has_weight_decay, param * decay, param)
             new_p = decayed - lr * _sign(s1 * beta1 + one_minus_beta1 * grad)
             s1_new = s1 * beta2 + one_minus_beta2 * grad

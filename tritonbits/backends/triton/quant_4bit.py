@@ -5,8 +5,8 @@ absmax per block of ``blocksize`` (32..4096) elements, one 4-bit code per elemen
 byte with the first element in the high nibble, the bytes reinterpreted as ``quant_storage``.
 
 The quantize kernel reads each block once and writes packed bytes directly. Codes come from
-counting the float32 decision thresholds (midpoints of the table) below the scaled value: 15
-compares for NF4, 7 on the magnitude for FP4, all against values held in registers.
+counting the decision thresholds below the scaled value, through a bucket table (one lookup and
+one compare per element: see the kernel).
 """
 
 from __future__ import annotations
@@ -23,16 +23,19 @@ from ...codebooks import get_4bit_type
 from ..torch.quant_4bit import _thresholds
 from . import cast_rtne, interpreting
 
-# Elements one quantize program handles (several blocks when blocks are small).
-_TILE = 4096
-# Packed bytes one dequantize program decodes (twice as many output elements).
-_DEQUANT_BYTES = 2048
+# Elements one quantize program handles (several blocks when blocks are small), and its warps.
+_TILE = 2048
+_QUANT_WARPS = 4
+# Output elements one dequantize program writes, and its warps.
+_DEQUANT_ELEMENTS = 4096
+_DEQUANT_WARPS = 4
 
 
 @triton.jit
 def _quantize_4bit_kernel(
     a_ptr,
-    thresholds_ptr,
+    bucket_threshold_ptr,
+    bucket_base_ptr,
     packed_ptr,
     absmax_ptr,
     n,
@@ -53,19 +56,24 @@ def _quantize_4bit_kernel(
     inverse = tl.math.div_rn(tl.full(absmax.shape, 1.0, tl.float32), tl.maximum(absmax, 1.1754943508222875e-38))
     scaled = x * inverse[:, None]
 
-    # code = number of thresholds t with not (value <= t), i.e. torch.bucketize(value, t).
+    # code = number of thresholds t with scaled > t. Instead of 15 (NF4) or 7 (FP4) compares, look
+    # at 1/32-wide buckets of the value: no bucket holds more than one threshold, so the count is
+    # "thresholds in the buckets below" (a table) plus one compare with the bucket's own threshold
+    # (+inf where it has none). Scaling by 32 is exact, so the compare equals scaled > t.
     if FP4:
-        magnitude = tl.abs(scaled)
-        rank = tl.zeros(scaled.shape, tl.int32)
-        for j in tl.static_range(7):
-            rank += 1 - (magnitude <= tl.load(thresholds_ptr + j)).to(tl.int32)
+        value = tl.abs(scaled) * 32.0
+        bucket = tl.minimum(tl.math.floor(value), 31.0).to(tl.int32)
+    else:
+        value = scaled * 32.0
+        bucket = tl.minimum(tl.maximum(tl.math.floor(value), -32.0), 31.0).to(tl.int32) + 32
+    rank = tl.load(bucket_base_ptr + bucket).to(tl.int32)
+    rank += (value > tl.load(bucket_threshold_ptr + bucket)).to(tl.int32)
+    if FP4:
         # Magnitude rank 0..7 -> FP4 bits (0, 1, 6, 7, 4, 5, 2, 3); bit 3 is the sign.
         code = tl.where(rank < 2, rank, 8 - (rank & 6) + (rank & 1))
         code = code | ((scaled < 0).to(tl.int32) << 3)
     else:
-        code = tl.zeros(scaled.shape, tl.int32)
-        for j in tl.static_range(15):
-            code += 1 - (scaled <= tl.load(thresholds_ptr + j)).to(tl.int32)
+        code = rank
 
     high, low = tl.split(tl.reshape(code, [BLOCKS_PER_PROGRAM, BLOCKSIZE // 2, 2]))
     packed = ((high << 4) | low).to(tl.uint8)
@@ -81,26 +89,44 @@ def _dequantize_4bit_kernel(
     out_ptr,
     n,
     n_bytes,
+    n_blocks,
     BLOCKSIZE: tl.constexpr,
-    BYTES: tl.constexpr,
+    BLOCKS_PER_PROGRAM: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
-    byte_offsets = tl.program_id(0).to(tl.int64) * BYTES + tl.arange(0, BYTES)
+    # A [BLOCKS_PER_PROGRAM, BLOCKSIZE] tile of the output: one absmax load per row.
+    blocks = tl.program_id(0).to(tl.int64) * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
+    byte_offsets = blocks[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]
     packed = tl.load(packed_ptr + byte_offsets, mask=byte_offsets < n_bytes, other=0).to(tl.int32)
     # The 16-entry table is 64 bytes: one cache line, so these gathers stay cheap.
     high = tl.load(table_ptr + (packed >> 4))
     low = tl.load(table_ptr + (packed & 0xF))
-    values = tl.reshape(tl.join(high, low), [2 * BYTES])  # element order: high, low, high, low, ...
-
-    offsets = tl.program_id(0).to(tl.int64) * (2 * BYTES) + tl.arange(0, 2 * BYTES)
-    mask = offsets < n
-    scale = tl.load(absmax_ptr + offsets // BLOCKSIZE, mask=mask, other=0.0)
-    tl.store(out_ptr + offsets, cast_rtne(values * scale, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    scale = tl.load(absmax_ptr + blocks, mask=blocks < n_blocks, other=0.0)
+    # element order within a row: high, low, high, low, ...
+    values = tl.reshape(tl.join(high, low), [BLOCKS_PER_PROGRAM, BLOCKSIZE]) * scale[:, None]
+    offsets = blocks[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+    tl.store(out_ptr + offsets, cast_rtne(values, out_ptr.dtype.element_ty, INTERPRET), mask=offsets < n)
 
 
 @lru_cache(maxsize=None)
-def _device_thresholds(quant_type: str, device: torch.device) -> torch.Tensor:
-    return _thresholds(quant_type).to(device=device, dtype=torch.float32).contiguous()
+def _bucket_tables(quant_type: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per 1/32-wide bucket of the scaled value (of its magnitude for FP4): the threshold inside
+    it times 32 (+inf if none) and the number of thresholds in lower buckets.
+
+    NF4 buckets cover [-1, 1) as 64 buckets, FP4 magnitudes [0, 1) as 32; values outside go to
+    the end buckets. Every threshold gap exceeds 1/32, so a bucket holds at most one threshold.
+    """
+    thresholds32 = _thresholds(quant_type).double() * 32  # exact: float32 values times a power of two
+    offset, count = (0, 32) if quant_type == "fp4" else (32, 64)
+    buckets = (torch.floor(thresholds32).long() + offset).tolist()
+    if len(set(buckets)) != len(buckets) or min(buckets) < 0 or max(buckets) >= count:
+        raise AssertionError(f"{quant_type} thresholds do not fit one per bucket: {buckets}")
+    threshold = torch.full((count,), float("inf"), dtype=torch.float32)
+    threshold[buckets] = thresholds32.float()
+    base = torch.zeros(count, dtype=torch.uint8)
+    for b in buckets:
+        base[b + 1 :] += 1
+    return threshold.to(device), base.to(device)
 
 
 @lru_cache(maxsize=None)
@@ -125,7 +151,7 @@ def quantize_4bit(
         grid = (triton.cdiv(absmax.numel(), blocks_per_program),)
         _quantize_4bit_kernel[grid](
             A.contiguous(),
-            _device_thresholds(quant_type, A.device),
+            *_bucket_tables(quant_type, A.device),
             packed,
             absmax,
             n,
@@ -134,7 +160,7 @@ def quantize_4bit(
             BLOCKSIZE=blocksize,
             BLOCKS_PER_PROGRAM=blocks_per_program,
             FP4=quant_type == "fp4",
-            num_warps=4,
+            num_warps=_QUANT_WARPS,
         )
     return packed.view(quant_storage).view(words, 1), absmax
 
@@ -143,23 +169,32 @@ def dequantize_4bit(
     A: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, shape: Sequence[int], dtype: torch.dtype
 ) -> torch.Tensor:
     """Packed codes (any quant_storage) -> values of ``shape`` in ``dtype`` (``table[code] * absmax`` in float32)."""
+    return decode_4bit(A, absmax, _device_table(quant_type, A.device), blocksize, shape, dtype)
+
+
+def decode_4bit(
+    A: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor, blocksize: int, shape: Sequence[int], dtype: torch.dtype
+) -> torch.Tensor:
+    """:func:`dequantize_4bit` through any 16-entry float32 ``table`` on A's device."""
     out = torch.empty(tuple(shape), dtype=dtype, device=A.device)
     n = out.numel()
     if n == 0:
         return out
     packed = A.contiguous().reshape(-1).view(torch.uint8)
     n_bytes = min(packed.numel(), (n + 1) // 2)
-    grid = (triton.cdiv((n + 1) // 2, _DEQUANT_BYTES),)
-    _dequantize_4bit_kernel[grid](
+    n_blocks = num_blocks(n, blocksize)
+    blocks_per_program = min(max(1, _DEQUANT_ELEMENTS // blocksize), triton.next_power_of_2(n_blocks))
+    _dequantize_4bit_kernel[(triton.cdiv(n_blocks, blocks_per_program),)](
         packed,
-        _device_table(quant_type, A.device),
+        table,
         absmax.to(torch.float32).contiguous(),
         out,
         n,
         n_bytes,
+        n_blocks,
         BLOCKSIZE=blocksize,
-        BYTES=_DEQUANT_BYTES,
+        BLOCKS_PER_PROGRAM=blocks_per_program,
         INTERPRET=interpreting(),
-        num_warps=4,
+        num_warps=_DEQUANT_WARPS,
     )
     return out

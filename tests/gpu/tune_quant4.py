@@ -1,0 +1,48 @@
+"""Time the 4-bit quantize/dequantize kernels over tile sizes and warps on the GPU (8192x8192 bf16).
+
+Prints one line per variant: ms, fraction of a device-to-device copy, and whether the output is
+bit-identical to the PyTorch reference. Run from the repository root on a CUDA machine.
+"""
+
+import itertools
+
+import torch
+import triton.testing
+
+import tritonbits  # noqa: F401
+from tritonbits._ops import REFERENCES
+from tritonbits.backends.triton import quant_4bit as kernels
+
+
+def ms(fn):
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def main():
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    copy_bw = 2 * src.numel() / (ms(lambda: dst.copy_(src)) * 1e-3)
+    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    n = x.numel()
+    for quant_type, blocksize in [("nf4", 64), ("fp4", 64), ("nf4", 128)]:
+        ref_packed, ref_absmax = REFERENCES["quantize_4bit"](x, blocksize, quant_type, torch.uint8)
+        ref_out = REFERENCES["dequantize_4bit"](ref_packed, ref_absmax, blocksize, quant_type, [8192, 8192], x.dtype)
+        q_bytes = 2 * n + n // 2 + 4 * n // blocksize
+        for tile, warps in itertools.product([2048, 4096, 8192], [4, 8]):
+            kernels._TILE, kernels._QUANT_WARPS = tile, warps
+            packed, absmax = kernels.quantize_4bit(x, blocksize, quant_type, torch.uint8)
+            same = torch.equal(packed, ref_packed) and torch.equal(absmax, ref_absmax)
+            t = ms(lambda: kernels.quantize_4bit(x, blocksize, quant_type, torch.uint8))
+            print(f"quantize   {quant_type} bs{blocksize} tile {tile:5d} warps {warps}: {t:.4f} ms "
+                  f"{q_bytes / (t * 1e-3) / copy_bw:6.1%} of copy  identical={same}", flush=True)
+        for elements, warps in itertools.product([2048, 4096, 8192], [4, 8]):
+            kernels._DEQUANT_ELEMENTS, kernels._DEQUANT_WARPS = elements, warps
+            out = kernels.dequantize_4bit(ref_packed, ref_absmax, blocksize, quant_type, [8192, 8192], x.dtype)
+            same = torch.equal(out, ref_out)
+            t = ms(lambda: kernels.dequantize_4bit(ref_packed, ref_absmax, blocksize, quant_type, [8192, 8192], x.dtype))
+            print(f"dequantize {quant_type} bs{blocksize} elems {elements:5d} warps {warps}: {t:.4f} ms "
+                  f"{q_bytes / (t * 1e-3) / copy_bw:6.1%} of copy  identical={same}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
