@@ -35,6 +35,9 @@ TRITON_KERNELS: dict[str, str] = {
     "gemv_4bit": "gemv_4bit",
     "optimizer_update_32bit": "optim",
     "optimizer_update_8bit_blockwise": "optim",
+    "int8_linear_matmul": "int8_matmul",
+    "int8_mm_dequant": "int8_matmul",
+    "int8_scaled_mm": "int8_matmul",
 }
 
 
