@@ -190,8 +190,12 @@ def _check_32bit_steps(launcher, reference, name, dtype, shape, rng, device, hyp
             if theirs is not None:
                 assert torch.equal(mine.cpu(), theirs)  # exact: the states do not involve sqrt
         if max_unorm > 0:
-            # The squared norm is the reference's own PyTorch sum on the same device: exact.
-            assert torch.equal(ours[3].cpu(), ref[3])
+            # The squared norm is the reference's own PyTorch sum: exact on the same device. On a
+            # GPU the reduction order differs from the CPU's: within float32 rounding (rtol 1e-6).
+            if device == "cpu":
+                assert torch.equal(ours[3].cpu(), ref[3])
+            else:
+                assert torch.allclose(ours[3].cpu(), ref[3], rtol=1e-6, atol=0)
         _assert_params_close(ours[0].cpu(), ref[0], p)
         p, s1, s2, unorm = ref
 
