@@ -13,8 +13,10 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from . import _ops
+from .backends import registry as _registry
 from .codebooks import (
     cached_table,
     create_dynamic_map,
@@ -57,6 +59,24 @@ __all__ = [
 ]
 
 _ops_ns = torch.ops.tritonbits
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+
+
+def _call(name: str, *args, **kwargs):
+    """Run op ``name``: through ``torch.ops.tritonbits`` when tracing, under a dispatch mode (fake
+    tensors, recorders), or for tensor subclasses and tensors that require grad; else straight to
+    the kernel the dispatcher would pick (same result, without the dispatcher's host overhead)."""
+    direct = not (torch.compiler.is_compiling() or is_in_torch_dispatch_mode())
+    device_type = None
+    for arg in args:
+        if isinstance(arg, Tensor):
+            if type(arg) not in _PLAIN_TENSORS or arg.requires_grad:
+                direct = False
+                break
+            device_type = device_type or arg.device.type
+    if direct and device_type is not None:
+        return _registry.direct_kernel(name, device_type)(*args, **kwargs)
+    return getattr(_ops_ns, name)(*args, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,7 +206,7 @@ def quantize_blockwise(
             raise ValueError(f"code must have 256 entries, got {code.numel()}")
         code = code.to(A.device, torch.float32, copy=True)
     _require_out(out, A.shape, torch.uint8, A.device)
-    codes, scales = _ops_ns.quantize_blockwise(A, code, blocksize)
+    codes, scales = _call("quantize_blockwise", A, code, blocksize)
 
     if nested:
         offset = scales.mean() if scales.numel() else scales.new_zeros(())
@@ -250,7 +270,8 @@ def dequantize_blockwise(
             f"{quant_state.blocksize}) needs {expected}"
         )
     _require_out(out, A.shape, quant_state.dtype, A.device)
-    result = _ops_ns.dequantize_blockwise(
+    result = _call(
+        "dequantize_blockwise",
         A, scales.float(), quant_state.code.to(A.device, torch.float32), quant_state.blocksize, quant_state.dtype
     )
     return out.copy_(result) if out is not None else result
@@ -294,7 +315,7 @@ def quantize_4bit(
             f"A has {A.numel()} elements; quant_storage={quant_storage} packs {codes_per_word} codes per word, "
             f"so the element count must be a multiple of {codes_per_word} (or use quant_storage=torch.uint8)"
         )
-    packed, scales = _ops_ns.quantize_4bit(A, blocksize, quant_type, quant_storage)
+    packed, scales = _call("quantize_4bit", A, blocksize, quant_type, quant_storage)
     code = cached_table(quant_type, A.device)
 
     if compress_statistics:
@@ -376,7 +397,8 @@ def dequantize_4bit(
             f"absmax has {scales.numel()} entries but shape {tuple(quant_state.shape)} with blocksize "
             f"{quant_state.blocksize} needs {expected}"
         )
-    result = _ops_ns.dequantize_4bit(
+    result = _call(
+        "dequantize_4bit",
         A, scales.float(), quant_state.blocksize, quant_state.quant_type, list(quant_state.shape), quant_state.dtype
     )
     if out is not None:
@@ -427,7 +449,7 @@ def gemv_4bit(
         raise ValueError(f"A's last dimension ({A.shape[-1]}) must equal the weight's K ({state.shape[1]})")
     scales = _decoded_absmax(state)
     _require_same_device({"A": A, "B": B, "state.absmax": scales})
-    result = _ops_ns.gemv_4bit(A, B, list(state.shape), scales.float(), state.code.to(A.device), state.blocksize)
+    result = _call("gemv_4bit", A, B, list(state.shape), scales.float(), state.code.to(A.device), state.blocksize)
     if out is not None:
         _require_out(out, result.shape, result.dtype, A.device)
         return out.copy_(result)
@@ -447,7 +469,7 @@ def int8_linear_matmul(A: Tensor, B: Tensor, out: Optional[Tensor] = None, dtype
     if B.dim() != 2 or A.shape[-1] != B.shape[-1]:
         raise ValueError(f"A [..., K] and B [N, K] must share K; got A {tuple(A.shape)}, B {tuple(B.shape)}")
     _require_same_device({"A": A, "B": B, "out": out})
-    result = _ops_ns.int8_linear_matmul(A, B)
+    result = _call("int8_linear_matmul", A, B)
     if out is not None:
         _require_out(out, result.shape, torch.int32, A.device)
         return out.copy_(result)
@@ -466,7 +488,7 @@ def int8_mm_dequant(
     _require_dtype(row_stats, (torch.float32,), "row_stats")
     _require_dtype(col_stats, (torch.float32,), "col_stats")
     _require_same_device({"A": A, "row_stats": row_stats, "col_stats": col_stats, "bias": bias})
-    result = _ops_ns.int8_mm_dequant(A, row_stats, col_stats, dtype=torch.float16, bias=bias)
+    result = _call("int8_mm_dequant", A, row_stats, col_stats, dtype=torch.float16, bias=bias)
     return out.copy_(result) if out is not None else result
 
 
@@ -488,7 +510,7 @@ def int8_double_quant(
             raise ValueError(f"{name} must be None. int8_double_quant() does not support pre-allocated {name}.")
     _require_float(A, "A")
     _require_threshold(threshold)
-    return _ops_ns.int8_double_quant(A, threshold=float(threshold))
+    return _call("int8_double_quant", A, threshold=float(threshold))
 
 
 def _require_threshold(threshold) -> None:
@@ -500,7 +522,7 @@ def int8_vectorwise_dequant(A: Tensor, stats: Tensor) -> Tensor:
     """int8 [..., K] with float32 row stats -> float32 ``A * stats / 127``."""
     _require_dtype(A, (torch.int8,), "A")
     _require_tensor(stats, "stats")
-    return _ops_ns.int8_vectorwise_dequant(A, stats)
+    return _call("int8_vectorwise_dequant", A, stats)
 
 
 def int8_vectorwise_quant(A: Tensor, threshold: float = 0.0):
@@ -511,7 +533,7 @@ def int8_vectorwise_quant(A: Tensor, threshold: float = 0.0):
     """
     _require_float(A, "A")
     _require_threshold(threshold)
-    return _ops_ns.int8_vectorwise_quant(A, float(threshold))
+    return _call("int8_vectorwise_quant", A, float(threshold))
 
 
 def int8_scaled_mm(
@@ -526,7 +548,7 @@ def int8_scaled_mm(
     _require_dtype(A, (torch.int8,), "A")
     _require_dtype(B, (torch.int8,), "B")
     _require_same_device({"A": A, "B": B, "row_stats": row_stats, "col_stats": col_stats, "bias": bias})
-    return _ops_ns.int8_scaled_mm(A, B, row_stats, col_stats, bias=bias, dtype=dtype)
+    return _call("int8_scaled_mm", A, B, row_stats, col_stats, bias=bias, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -569,7 +591,8 @@ def optimizer_update_32bit(
     if max_unorm > 0.0:
         param_norm = torch.norm(p.data.float()).item()
     is_on_gpu([g, p, state1, state2, unorm_vec])
-    _ops_ns.optimizer_update_32bit(
+    _call(
+        "optimizer_update_32bit",
         optimizer_name, g, p, state1, state2, unorm_vec, max_unorm, param_norm,
         beta1, beta2, beta3, alpha, eps, weight_decay, step, lr, gnorm_scale, skip_zeros,
     )  # fmt: skip
@@ -602,7 +625,8 @@ def optimizer_update_8bit_blockwise(
     _require_float(p, "p")
     _require_dtype(state1, (torch.uint8,), "state1")
     is_on_gpu([p, g, state1, state2, qmap1, qmap2, absmax1, absmax2])
-    _ops_ns.optimizer_update_8bit_blockwise(
+    _call(
+        "optimizer_update_8bit_blockwise",
         optimizer_name, g, p, state1, state2, beta1, beta2, beta3, alpha, eps, step, lr,
         qmap1, qmap2, absmax1, absmax2, weight_decay, gnorm_scale, skip_zeros,
     )  # fmt: skip
