@@ -9,6 +9,16 @@ import tritonbits.functional as F
 from tritonbits.backends.torch.quant_4bit import FP4_MAGNITUDE_THRESHOLDS, NF4_THRESHOLDS
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def assert_same_decoding(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Equal values; for float16, within one unit in the last place: bitsandbytes' AVX-512 CPU path
+    rounds float32 -> float16 differently from torch (seen on the H100 host's CPU, 2026-11-24)."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    if a.dtype == torch.float16:
+        torch.testing.assert_close(a, b, rtol=2**-10, atol=0)
+    else:
+        assert torch.equal(a, b)
 SHAPES = [(1,), (63,), (37, 331), (2, 3, 4096)]
 
 
@@ -46,11 +56,8 @@ def test_matches_bitsandbytes(bnb_ref, rng, quant_type, dtype, blocksize, shape)
     # Each library decodes the other's bytes to the same values as its own decoder does.
     ours_decoded = F.dequantize_4bit(ours, our_state)
     assert ours_decoded.shape == x.shape and ours_decoded.dtype == dtype
-    assert torch.equal(bnb_ref.functional.dequantize_4bit(ours, their_state).reshape(-1), ours_decoded.reshape(-1))
-    assert torch.equal(
-        F.dequantize_4bit(theirs, our_state).reshape(-1),
-        bnb_ref.functional.dequantize_4bit(theirs, their_state).reshape(-1),
-    )
+    assert_same_decoding(bnb_ref.functional.dequantize_4bit(ours, their_state), ours_decoded)
+    assert_same_decoding(F.dequantize_4bit(theirs, our_state), bnb_ref.functional.dequantize_4bit(theirs, their_state))
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -74,7 +81,7 @@ def test_nested_and_storage_match_bitsandbytes(bnb_ref, rng, quant_type, quant_s
     ours_err = (code[s1.absmax.long()] - target).abs()
     theirs_err = (code[s2.absmax.long()] - target).abs()
     assert torch.all(ours_err <= theirs_err + 1e-6)
-    assert torch.equal(bnb_ref.functional.dequantize_4bit(ours, s2), F.dequantize_4bit(ours, s2))
+    assert_same_decoding(bnb_ref.functional.dequantize_4bit(ours, s2), F.dequantize_4bit(ours, s2))
     decoded = F.dequantize_4bit(ours, s1)
     rel = (decoded.float() - x.float()).norm() / x.float().norm()
     assert rel < 0.13, f"relative error {rel:.3f}; ~0.09 (nf4) / ~0.11 (fp4) expected"

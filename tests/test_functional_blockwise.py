@@ -8,6 +8,16 @@ import tritonbits.functional as F
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
+def assert_same_decoding(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Equal values; for float16, within one unit in the last place: bitsandbytes' AVX-512 CPU path
+    rounds float32 -> float16 differently from torch (seen on the H100 host's CPU, 2026-11-24)."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    if a.dtype == torch.float16:
+        torch.testing.assert_close(a, b, rtol=2**-10, atol=0)
+    else:
+        assert torch.equal(a, b)
+
+
 def assert_ours_nearest_where_codes_differ(x, ours, theirs, state):
     """bitsandbytes' CPU quantizer is approximate (a lookup table) and picks a non-nearest code for
     a few values; wherever the codes differ, ours must be at least as near (float64, 1e-7 slack)."""
@@ -32,8 +42,8 @@ def test_matches_bitsandbytes(bnb_ref, rng, dtype, blocksize, shape):
     assert_ours_nearest_where_codes_differ(x, ours, theirs, s1)
     ours_decoded = F.dequantize_blockwise(ours, s1)
     assert ours_decoded.dtype == dtype and ours_decoded.shape == x.shape
-    assert torch.equal(bnb_ref.functional.dequantize_blockwise(ours, s2), ours_decoded)
-    assert torch.equal(F.dequantize_blockwise(theirs, s1), bnb_ref.functional.dequantize_blockwise(theirs, s2))
+    assert_same_decoding(bnb_ref.functional.dequantize_blockwise(ours, s2), ours_decoded)
+    assert_same_decoding(F.dequantize_blockwise(theirs, s1), bnb_ref.functional.dequantize_blockwise(theirs, s2))
 
 
 def test_nested_matches_bitsandbytes(bnb_ref, rng):
