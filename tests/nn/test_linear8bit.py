@@ -333,8 +333,9 @@ def test_gpu_module_matches_bitsandbytes(rng, bnb_ref, threshold):
     ref = torch.nn.functional.linear(x.double(), linear.weight.double().cuda(), linear.bias.double().cuda())
     assert _rel_err(ours(x), ref) <= _rel_err(theirs(x), ref) * 1.05
     fresh = Linear8bitLt(512, 256, has_fp16_weights=False, threshold=threshold)
-    fresh.load_state_dict(theirs.state_dict())
+    saved = theirs.state_dict()
+    fresh.load_state_dict(saved)
     fresh = fresh.cuda().eval()
     # bitsandbytes' codes (which may sit one step from ours) load unchanged and work as well
-    assert torch.equal(fresh.weight.data, theirs.weight.data) and torch.equal(fresh.weight.SCB, theirs.weight.SCB)
+    assert torch.equal(fresh.weight.data, saved["weight"]) and torch.equal(fresh.weight.SCB, saved["SCB"])
     assert _rel_err(fresh(x), ref) <= _rel_err(theirs(x), ref) * 1.05
