@@ -6,19 +6,10 @@ import pytest
 import torch
 
 import tritonbits.functional as F
+from support import assert_same_decoding
 from tritonbits.backends.torch.quant_4bit import FP4_MAGNITUDE_THRESHOLDS, NF4_THRESHOLDS
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def assert_same_decoding(a: torch.Tensor, b: torch.Tensor) -> None:
-    """Equal values; for float16, within one unit in the last place: bitsandbytes' AVX-512 CPU path
-    rounds float32 -> float16 differently from torch (seen on the H100 host's CPU, 2026-11-24)."""
-    a, b = a.reshape(-1), b.reshape(-1)
-    if a.dtype == torch.float16:
-        torch.testing.assert_close(a, b, rtol=2**-10, atol=0)
-    else:
-        assert torch.equal(a, b)
 SHAPES = [(1,), (63,), (37, 331), (2, 3, 4096)]
 
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from tritonbits import functional as F
 from tritonbits.autograd import MatMul4Bit, matmul_4bit
+from support import EPS, OpRecorder, assert_close_to
 
 FLOATS = [torch.float16, torch.bfloat16, torch.float32]
-EPS = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 2.0**-24}
 
 
 def quantized_weight(rng, n, k, device, quant_type="nf4", compress_statistics=False, quant_storage=torch.uint8):
@@ -24,32 +23,8 @@ def decoded64(B, state, dtype):
     return F.dequantize_4bit(B, state).float().to(dtype).double()
 
 
-def assert_close_to(actual, expected64, dtype, magnitude64=None, k=1):
-    """|actual - expected| within the rounding of a ``dtype`` matmul.
-
-    Two roundings to ``dtype`` (the product, then the bias add) cost ``eps * (|expected| +
-    magnitude)``; a float32 accumulation over k terms adds ``sqrt(k) * eps32 * magnitude``, where
-    ``magnitude = |A| @ |W|.T + |bias|`` bounds the partial sums (cancellation included).
-    """
-    if magnitude64 is None:
-        magnitude64 = expected64.abs()
-    eps = EPS[dtype]
-    bound = 2 * eps * (expected64.abs() + magnitude64) + 4 * k**0.5 * EPS[torch.float32] * magnitude64
-    error = (actual.double() - expected64).abs()
-    assert actual.shape == expected64.shape
-    assert bool((error <= bound).all()), f"max error {error.max().item():.3g}, bound there {bound.flatten()[error.argmax()].item():.3g}"
 
 
-class OpRecorder(TorchDispatchMode):
-    """Records the names of the ops dispatched inside it."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("dtype", FLOATS, ids=str)

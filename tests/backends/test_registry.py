@@ -5,6 +5,7 @@ import torch
 import tritonbits.functional as F
 from tritonbits._ops import REFERENCES
 from tritonbits.backends import registry
+from support import OpRecorder
 
 
 def test_direct_kernel_is_the_dispatchers_choice():
@@ -25,18 +26,7 @@ def test_direct_and_dispatched_results_agree(rng):
 
 def test_dispatch_modes_still_see_the_ops(rng):
     # Fake tensors, tracers and recorders work through dispatch modes: the direct path steps aside.
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Recorder(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     x = torch.randn(8, 64, generator=rng)
-    with Recorder() as recorder:
+    with OpRecorder() as recorder:
         F.quantize_4bit(x, quant_type="nf4")
     assert "tritonbits.quantize_4bit.default" in recorder.names

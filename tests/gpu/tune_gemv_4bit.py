@@ -7,21 +7,17 @@ speed-up over bf16, and the max error against dequantize-then-matmul. Run from t
 import itertools
 
 import torch
-import triton.testing
+from check_quant_kernels import bench_ms as ms, copy_bandwidth  # same directory
 
 import tritonbits.functional as F
 from tritonbits._ops import REFERENCES
 from tritonbits.backends.triton import gemv_4bit as kernels
 
 
-def ms(fn):
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
 def main():
-    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    copy_bw = 2 * src.numel() / (ms(lambda: dst.copy_(src)) * 1e-3)
+    copy_bw = copy_bandwidth()
     for K, N in [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]:
         w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
         packed, state = F.quantize_4bit(w, quant_type="nf4", blocksize=64)

@@ -7,21 +7,17 @@ bit-identical to the PyTorch reference. Run from the repository root on a CUDA m
 import itertools
 
 import torch
-import triton.testing
+from check_quant_kernels import bench_ms as ms, copy_bandwidth  # same directory
 
 import tritonbits  # noqa: F401
 from tritonbits._ops import REFERENCES
 from tritonbits.backends.triton import quant_4bit as kernels
 
 
-def ms(fn):
-    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
 def main():
-    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    copy_bw = 2 * src.numel() / (ms(lambda: dst.copy_(src)) * 1e-3)
+    copy_bw = copy_bandwidth()
     x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     n = x.numel()
     for quant_type, blocksize in [("nf4", 64), ("fp4", 64), ("nf4", 128)]:

@@ -13,10 +13,10 @@ import torch
 import tritonbits as bnb
 from tritonbits import functional as F
 from tritonbits.nn import Linear4bit, LinearFP4, LinearNF4, Params4bit
+from support import EPS, assert_close_to
 
 FLOATS = [torch.float16, torch.bfloat16, torch.float32]
 # unit roundoff of each compute dtype; results pass through at most two roundings (matmul, bias)
-EPS = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 2.0**-24}
 
 
 def dense_linear(rng, in_features, out_features, bias=True, dtype=torch.float32) -> torch.nn.Linear:
@@ -40,20 +40,6 @@ def dequantized(layer: Linear4bit, dtype) -> torch.Tensor:
     return F.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float().to(dtype)
 
 
-def assert_close_to(actual, expected64, dtype, magnitude64=None, k=1):
-    """|actual - expected| within the rounding of a ``dtype`` matmul.
-
-    Two roundings to ``dtype`` (the product, then the bias add) cost ``eps * (|expected| +
-    magnitude)``; a float32 accumulation over k terms adds ``sqrt(k) * eps32 * magnitude``, where
-    ``magnitude = |A| @ |W|.T + |bias|`` bounds the partial sums (cancellation included).
-    """
-    if magnitude64 is None:
-        magnitude64 = expected64.abs()
-    eps = EPS[dtype]
-    bound = 2 * eps * (expected64.abs() + magnitude64) + 4 * k**0.5 * EPS[torch.float32] * magnitude64
-    error = (actual.double() - expected64).abs()
-    assert actual.shape == expected64.shape
-    assert bool((error <= bound).all()), f"max error {error.max().item():.3g}, bound there {bound.flatten()[error.argmax()].item():.3g}"
 
 
 def state_dict_packed(layer) -> dict:

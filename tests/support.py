@@ -1,0 +1,47 @@
+"""Helpers shared by the tests (importable as ``support``: pyproject puts tests/ on the path)."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# Unit roundoff of each dtype (half an ulp at 1.0).
+EPS = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 2.0**-24}
+
+
+def assert_close_to(actual, expected64, dtype, magnitude64=None, k=1):
+    """|actual - expected| within the rounding of a ``dtype`` matmul.
+
+    Two roundings to ``dtype`` (the product, then the bias add) cost ``eps * (|expected| +
+    magnitude)``; a float32 accumulation over k terms adds ``sqrt(k) * eps32 * magnitude``, where
+    ``magnitude = |A| @ |W|.T + |bias|`` bounds the partial sums (cancellation included).
+    """
+    if magnitude64 is None:
+        magnitude64 = expected64.abs()
+    eps = EPS[dtype]
+    bound = 2 * eps * (expected64.abs() + magnitude64) + 4 * k**0.5 * EPS[torch.float32] * magnitude64
+    error = (actual.double() - expected64).abs()
+    assert actual.shape == expected64.shape
+    assert bool((error <= bound).all()), f"max error {error.max().item():.3g}, bound there {bound.flatten()[error.argmax()].item():.3g}"
+
+
+def assert_same_decoding(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Equal values; for float16, within one unit in the last place: bitsandbytes' AVX-512 CPU path
+    rounds float32 -> float16 differently from torch (seen on the H100 host's CPU, 2026-11-24)."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    if a.dtype == torch.float16:
+        torch.testing.assert_close(a, b, rtol=2**-10, atol=0)
+    else:
+        assert torch.equal(a, b)
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records the names of the ops dispatched inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
