@@ -26,6 +26,7 @@ _LAZY_ATTRIBUTES = {
     "matmul": "autograd",
     "matmul_4bit": "autograd",
     "MatmulLtState": "autograd",
+    "quantize_model": "hf",
 }
 
 
