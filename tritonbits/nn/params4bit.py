@@ -272,11 +272,24 @@ def quantized_weight(module: torch.nn.Module) -> Params4bit:
 
 
 def save_quant_state(module: torch.nn.Module, destination: dict, prefix: str, keep_vars: bool) -> None:
-    """Add ``<prefix>weight.<key>`` entries of the weight's packed QuantState (bitsandbytes' keys)."""
-    quant_state = getattr(module.weight, "quant_state", None)
+    """Add ``<prefix>weight.<key>`` entries of the weight's packed QuantState (bitsandbytes' keys).
+
+    The module's copy of the state is used when the weight lost its own (FSDP2 replaces it by a
+    DTensor of the packed words), so gathered full state dicts stay loadable.
+    """
+    weight = module.weight
+    quant_state = getattr(weight, "quant_state", None) or getattr(module, "quant_state", None)
     if quant_state is None:
         return
-    for key, value in quant_state.as_dict(packed=True).items():
+    entries = quant_state.as_dict(packed=True)
+    if not isinstance(weight, Params4bit):
+        # torch.distributed.checkpoint resolves each key by getattr from the module down
+        # ("weight", then "absmax"); a DTensor weight has no such attributes, so give it them.
+        weight.quant_state = quant_state
+        for key, value in entries.items():
+            if "." not in key:
+                setattr(weight, key, value)
+    for key, value in entries.items():
         destination[prefix + "weight." + key] = value if keep_vars else value.detach()
 
 
@@ -300,6 +313,14 @@ def load_prequantized_weight(module: torch.nn.Module, state_dict: dict, prefix: 
     # copies, as nn.Module's loader makes: the module must not alias the caller's state dict
     stats = {key[len(weight_key) + 1 :]: state_dict[key] for key in stat_keys}
     stats = {key: value.detach().clone() if isinstance(value, torch.Tensor) else value for key, value in stats.items()}
+    skipped = {weight_key, *stat_keys}
+    if type(current).__name__ == "DTensor" or type(packed).__name__ == "DTensor":
+        # A sharded weight (FSDP2) belongs to the wrapper: keep the parameter, let nn.Module's
+        # loader copy the packed shard into it, and restore the QuantState the module keeps.
+        module.quant_state = QuantState.from_dict(qs_dict=stats, device=device)
+        if not isinstance(current, Params4bit):
+            current.quant_state = module.quant_state
+        return {key: value for key, value in state_dict.items() if key not in stat_keys}, False
     module.weight = Params4bit.from_prequantized(
         packed.detach().clone(),
         stats,
@@ -307,5 +328,4 @@ def load_prequantized_weight(module: torch.nn.Module, state_dict: dict, prefix: 
         device=device,
         module=module,
     )
-    skipped = {weight_key, *stat_keys}
     return {key: value for key, value in state_dict.items() if key not in skipped}, True

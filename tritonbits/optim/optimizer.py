@@ -133,6 +133,65 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _states_as_dtensors(p, param_state: dict) -> None:
+    """Wrap the per-shard state of DTensor parameter ``p`` as DTensors, in place.
+
+    ``state1``/``state2`` are shaped like ``p``'s local shard (AdEMAMix's ``state1`` has a leading
+    2) and become DTensors shaped like ``p``, placed as ``p`` is. ``absmax1``/``absmax2`` hold one
+    scale per 256 elements of the local shard, so shards of unequal size have unequal counts;
+    each is zero-padded on its last dim to the count of the largest shard and sharded on that dim.
+    The padding is dropped again by ``_state_from_dtensor``. Resuming needs the same mesh.
+    """
+    from torch.distributed.tensor import DTensor, Shard
+
+    mesh, placements = p.device_mesh, p.placements
+    for key in ("state1", "state2"):
+        value = param_state.get(key)
+        if not isinstance(value, torch.Tensor) or isinstance(value, DTensor):
+            continue
+        lead = value.dim() - p.dim()
+        shape = (*value.shape[:lead], *p.shape)
+        value_placements = [Shard(pl.dim + lead) if pl.is_shard() else pl for pl in placements]
+        param_state[key] = DTensor.from_local(
+            value, mesh, value_placements, run_check=False, shape=shape, stride=_contiguous_strides(shape)
+        )
+    largest = list(p.shape)  # the first shard is the largest (torch.chunk's rule)
+    shards = 1
+    for placement, size in zip(placements, mesh.shape):
+        if placement.is_shard():
+            largest[placement.dim] = -(-largest[placement.dim] // size)
+            shards *= size
+    blocks = -(-math.prod(largest) // BLOCKSIZE)
+    for key in ("absmax1", "absmax2"):
+        value = param_state.get(key)
+        if not isinstance(value, torch.Tensor) or isinstance(value, DTensor):
+            continue
+        padded = torch.nn.functional.pad(value, (0, blocks - value.shape[-1]))
+        shape = (*value.shape[:-1], blocks * shards)
+        value_placements = [Shard(value.dim() - 1) if pl.is_shard() else pl for pl in placements]
+        param_state[key] = DTensor.from_local(
+            padded, mesh, value_placements, run_check=False, shape=shape, stride=_contiguous_strides(shape)
+        )
+
+
+def _state_from_dtensor(p, key: str, value):
+    """The local state tensor of ``p`` from a value made by ``_states_as_dtensors`` (else ``value``)."""
+    if not isinstance(value, torch.Tensor) or _local(value) is value:
+        return value
+    local = _local(value)
+    if key in ("absmax1", "absmax2"):
+        local = local[..., : -(-_local(p).numel() // BLOCKSIZE)]
+    return local.contiguous()
+
+
+def _contiguous_strides(shape) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
 class Optimizer8bit(torch.optim.Optimizer):
     """Base class: state creation, paging, per-parameter config and state dicts."""
 
@@ -168,12 +227,20 @@ class Optimizer8bit(torch.optim.Optimizer):
     # -- state dicts ------------------------------------------------------------------------
 
     def state_dict(self):
-        """torch's state dict, with the quantization tensors of each parameter moved one level down."""
+        """torch's state dict, with the quantization tensors of each parameter moved one level down.
+
+        The state of a DTensor parameter is per shard; it is returned as DTensors on the
+        parameter's mesh (see ``_states_as_dtensors``) so that ``torch.distributed.checkpoint``
+        saves every rank's shard instead of one rank's copy.
+        """
         state_dict = super().state_dict()
         state_dict["state"] = {k: dict(v) if isinstance(v, dict) else v for k, v in state_dict["state"].items()}
-        for param_state in state_dict["state"].values():
+        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        for index, param_state in state_dict["state"].items():
             if not isinstance(param_state, dict):
                 continue
+            if isinstance(index, int) and index < len(params) and _local(params[index]) is not params[index]:
+                _states_as_dtensors(params[index], param_state)
             wrapped = {k: param_state.pop(k) for k in list(param_state) if k in self.non_castable_tensor_keys}
             if wrapped:
                 param_state[self._FSDP_WRAPPED_QUANT_STATE_KEY] = wrapped
@@ -213,6 +280,7 @@ class Optimizer8bit(torch.optim.Optimizer):
             if isinstance(value, dict):
                 for k, v in value.items():
                     if k in self.non_castable_tensor_keys:
+                        v = value[k] = _state_from_dtensor(param, k, v)
                         if move_to_device and isinstance(v, torch.Tensor):
                             value[k] = v.to(_local(param).device)
                     else:
