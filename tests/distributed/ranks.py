@@ -1,7 +1,9 @@
 """One rank of the distributed tests: ``python ranks.py <ddp|fsdp2> <outdir>``.
 
-Launched twice by ``test_ddp_fsdp2.py`` with torchrun's environment (RANK, WORLD_SIZE,
-MASTER_ADDR, MASTER_PORT); uses gloo on the CPU. Each rank records what it saw in
+Launched twice by ``test_ddp_fsdp2.py`` with torchrun's environment (RANK, LOCAL_RANK,
+WORLD_SIZE, MASTER_ADDR, MASTER_PORT); gloo on the CPU, or NCCL on GPU ``LOCAL_RANK`` when
+``TRITONBITS_DIST_DEVICE=cuda``. Models are built and quantized on the CPU, then moved, so the
+packed bytes are the same on both devices. Each rank records what it saw in
 ``<outdir>/<scenario>_rank<RANK>.pt`` (a dict of tensors and numbers) and the parent asserts on
 the files: this script checks nothing itself, so a failing rank cannot hide a failure.
 
@@ -25,6 +27,7 @@ import tritonbits as bnb
 # (2 and 1 blocks of 8-bit optimizer state), layer 2's packed weight (65 * 40 / 2 bytes = 650
 # bfloat16 words, 325 float32 words) into 325/325 and 163/162 words.
 IN_FEATURES, HIDDEN, OUT_FEATURES, RANK_R, BATCH = 64, 65, 40, 8, 6
+DEVICE = torch.device("cpu")  # set by main()
 
 
 class LoRALinear(nn.Module):
@@ -58,7 +61,7 @@ def build_model(quant_storage: torch.dtype, seed: int = 0, adapter_seed: int | N
         base = base.cpu()  # quantizes
         base.bias.requires_grad_(False)  # the whole base is frozen, as in QLoRA
         layers.append(LoRALinear(base, RANK_R, 16.0, adapter_generator))
-    return nn.Sequential(layers[0], nn.GELU(), layers[1])
+    return nn.Sequential(layers[0], nn.GELU(), layers[1]).to(DEVICE)
 
 
 _TEACHER = []
@@ -73,7 +76,7 @@ def batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     if not _TEACHER:
         _TEACHER.append(build_model(torch.bfloat16, seed=0, adapter_seed=12345))
     generator = torch.Generator().manual_seed(1000 * step + rank)
-    x = torch.randn(BATCH, IN_FEATURES, generator=generator)
+    x = torch.randn(BATCH, IN_FEATURES, generator=generator).to(DEVICE)
     return x, _TEACHER[0](x)
 
 
@@ -136,7 +139,8 @@ def run_ddp(rank: int) -> dict:
         # The frozen base is the same on every rank (as when each loads one checkpoint): DDP
         # broadcasts parameters and buffers from rank 0, and the QuantState is neither. The
         # adapters differ per rank; DDP's broadcast must make them equal.
-        model = DDP(build_model(torch.bfloat16, seed=0, adapter_seed=100 + rank))
+        model = DDP(build_model(torch.bfloat16, seed=0, adapter_seed=100 + rank),
+                    device_ids=[DEVICE.index] if DEVICE.type == "cuda" else None)  # fmt: skip
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = optimizer_class(trainable, **kwargs)
         losses = train_steps(model, optimizer, range(DDP_STEPS), rank)
@@ -175,9 +179,9 @@ def run_fsdp2(rank: int) -> dict:
     )  # fmt: skip
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    mesh = init_device_mesh(DEVICE.type, (dist.get_world_size(),))
     results = {}
-    probe = torch.randn(5, IN_FEATURES, generator=torch.Generator().manual_seed(77))
+    probe = torch.randn(5, IN_FEATURES, generator=torch.Generator().manual_seed(77)).to(DEVICE)
     for storage in (torch.bfloat16, torch.float32):
         tag = str(storage).removeprefix("torch.")
         reference = build_model(storage)
@@ -234,7 +238,11 @@ def run_fsdp2(rank: int) -> dict:
 
 def main() -> None:
     scenario, outdir = sys.argv[1], sys.argv[2]
-    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    global DEVICE
+    if os.environ.get("TRITONBITS_DIST_DEVICE", "cpu") == "cuda":
+        DEVICE = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(DEVICE)
+    dist.init_process_group("nccl" if DEVICE.type == "cuda" else "gloo", timeout=timedelta(seconds=60))
     rank = dist.get_rank()
     results = {"ddp": run_ddp, "fsdp2": run_fsdp2}[scenario](rank)
     torch.save(results, os.path.join(outdir, f"{scenario}_rank{rank}.pt"))

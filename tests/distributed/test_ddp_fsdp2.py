@@ -1,4 +1,6 @@
-"""DDP and FSDP2 (``fully_shard``) with 4-bit QLoRA layers and 8-bit optimizers: 2 ranks, gloo, CPU.
+"""DDP and FSDP2 (``fully_shard``) with 4-bit QLoRA layers and 8-bit optimizers on 2 ranks.
+
+Always on the CPU with gloo; also on 2 GPUs with NCCL where there are 2 or more.
 
 Each scenario starts two processes running ``ranks.py`` with torchrun's environment variables
 on 127.0.0.1 and a free port (bounded by a timeout); every rank saves what it saw to a file and
@@ -44,13 +46,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _launch(scenario: str, outdir: Path) -> list[dict]:
+def _launch(scenario: str, outdir: Path, device: str) -> list[dict]:
     """Run ``ranks.py scenario outdir`` on WORLD_SIZE local ranks; the ranks' result dicts."""
-    _run_ranks([str(RANKS_SCRIPT), scenario, str(outdir)], outdir, scenario)
-    return [torch.load(outdir / f"{scenario}_rank{rank}.pt", weights_only=False) for rank in range(WORLD_SIZE)]
+    _run_ranks([str(RANKS_SCRIPT), scenario, str(outdir)], outdir, scenario, TRITONBITS_DIST_DEVICE=device)
+    return [torch.load(outdir / f"{scenario}_rank{rank}.pt", map_location="cpu", weights_only=False)
+            for rank in range(WORLD_SIZE)]  # fmt: skip
 
 
-def _run_ranks(argv: list[str], outdir: Path, name: str) -> list[str]:
+def _run_ranks(argv: list[str], outdir: Path, name: str, **extra_env: str) -> list[str]:
     """Run ``python argv`` as WORLD_SIZE ranks (torchrun's variables); their logs, or fail with them."""
     port = _free_port()
     repo_root = str(Path(__file__).resolve().parents[2])
@@ -60,7 +63,7 @@ def _run_ranks(argv: list[str], outdir: Path, name: str) -> list[str]:
             os.environ,
             RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), LOCAL_WORLD_SIZE=str(WORLD_SIZE),
             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-            PYTHONPATH=os.pathsep.join(filter(None, [repo_root, os.environ.get("PYTHONPATH")])),
+            PYTHONPATH=os.pathsep.join(filter(None, [repo_root, os.environ.get("PYTHONPATH")])), **extra_env,
         )  # fmt: skip
         log = open(outdir / f"{name}_rank{rank}.log", "w")
         processes.append((subprocess.Popen([sys.executable, *argv], env=env, stdout=log, stderr=subprocess.STDOUT),
@@ -97,16 +100,20 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(_bits(a), _bits(b))
 
 
-@pytest.fixture(scope="module")
-def ddp_results(tmp_path_factory) -> list[dict]:
-    return _launch("ddp", tmp_path_factory.mktemp("ddp"))
+# gloo on the CPU always; NCCL where there are 2 GPUs (the example picks the same way)
+DIST_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and torch.cuda.device_count() >= 2 else [])
 
 
-@pytest.fixture(scope="module")
-def fsdp2_results(tmp_path_factory) -> list[dict]:
-    from torch.distributed.fsdp import fully_shard  # noqa: F401  (skips the module's tests on old torch)
+@pytest.fixture(scope="module", params=DIST_DEVICES)
+def ddp_results(request, tmp_path_factory) -> list[dict]:
+    return _launch("ddp", tmp_path_factory.mktemp(f"ddp_{request.param}"), request.param)
 
-    return _launch("fsdp2", tmp_path_factory.mktemp("fsdp2"))
+
+@pytest.fixture(scope="module", params=DIST_DEVICES)
+def fsdp2_results(request, tmp_path_factory) -> list[dict]:
+    from torch.distributed.fsdp import fully_shard  # noqa: F401  (fails clearly on a torch without FSDP2)
+
+    return _launch("fsdp2", tmp_path_factory.mktemp(f"fsdp2_{request.param}"), request.param)
 
 
 # -- DDP -----------------------------------------------------------------------------------
@@ -207,7 +214,9 @@ def test_example_qlora_distributed_runs_fsdp2(tmp_path):
     script = Path(__file__).resolve().parents[2] / "examples" / "qlora_distributed.py"
     argv = [str(script), "--mode", "fsdp", "--steps", "12", "--dim", "32", "--vocab", "32", "--seq-len", "16",
             "--layers", "1", "--lora-r", "4", "--log-every", "11", "--lr", "1e-2", "--save", str(tmp_path)]  # fmt: skip
-    log = _run_ranks(argv, tmp_path, "example")[0]
+    # the example takes GPU LOCAL_RANK whenever CUDA is there: hide a single GPU
+    hide = {} if "cuda" in DIST_DEVICES else {"CUDA_VISIBLE_DEVICES": ""}
+    log = _run_ranks(argv, tmp_path, "example", **hide)[0]
     losses = [float(line.split()[3]) for line in log.splitlines() if line.startswith("step")]
     assert len(losses) == 2 and losses[1] < losses[0], log  # steps 0 and 11: the loss falls
     step_lines = [line for line in log.splitlines() if line.startswith("step")]
