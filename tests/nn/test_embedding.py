@@ -7,10 +7,24 @@ import torch
 
 import tritonbits.optim as optim
 from tritonbits.nn.embedding import Embedding, StableEmbedding
+from tritonbits.optim import GlobalOptimManager
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 # (num_embeddings, embedding_dim, index shape): odd sizes, 0-d, 2-D and empty index tensors.
 SHAPES = [(1, 7, (3,)), (37, 33, (2, 5)), (64, 16, ()), (10, 8, (0,))]
+
+
+@pytest.fixture(autouse=True)
+def _restore_optim_manager():
+    """These layers register overrides with the process-wide GlobalOptimManager, and a step records
+    them by (group, index) position, as in bitsandbytes: restore its tables so that later tests'
+    optimizers do not inherit a 32-bit override for their first parameter."""
+    manager = GlobalOptimManager.get_instance()
+    saved = {k: (dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v)
+             for k, v in vars(manager).items()}
+    yield
+    vars(manager).clear()
+    vars(manager).update(saved)
 
 
 def _pair(ours_cls, theirs_cls, rng, n, d, dtype, **kwargs):
