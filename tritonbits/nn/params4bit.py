@@ -314,7 +314,7 @@ def load_prequantized_weight(module: torch.nn.Module, state_dict: dict, prefix: 
     stats = {key[len(weight_key) + 1 :]: state_dict[key] for key in stat_keys}
     stats = {key: value.detach().clone() if isinstance(value, torch.Tensor) else value for key, value in stats.items()}
     skipped = {weight_key, *stat_keys}
-    if type(current).__name__ == "DTensor" or type(packed).__name__ == "DTensor":
+    if type(current).__name__ == "DTensor":
         # A sharded weight (FSDP2) belongs to the wrapper: keep the parameter, let nn.Module's
         # loader copy the packed shard into it, and restore the QuantState the module keeps.
         module.quant_state = QuantState.from_dict(qs_dict=stats, device=device)
