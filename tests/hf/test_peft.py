@@ -46,7 +46,10 @@ def batch():
 def load_quantized(folder, name):
     compute = {"bnb_4bit_compute_dtype": torch.float32} if name != "int8" else {}
     return AutoModelForCausalLM.from_pretrained(
-        folder, dtype=torch.bfloat16, device_map="cpu", quantization_config=hf.TritonBitsConfig(**CONFIGS[name], **compute)
+        folder,
+        dtype=torch.bfloat16,
+        device_map="cpu",
+        quantization_config=hf.TritonBitsConfig(**CONFIGS[name], **compute),
     )
 
 
@@ -88,8 +91,12 @@ def test_prepare_model_for_kbit_training(dense_dir, name):
     assert model.is_gradient_checkpointing
 
 
-@pytest.mark.parametrize("gradient_checkpointing", [False, True], ids=["plain", "checkpointing"])
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize(
+    "name, gradient_checkpointing",
+    # gradient checkpointing re-runs the same layers; one quantization kind keeps CI time small
+    [("nf4-dq", False), ("nf4-dq", True), ("int8", False)],
+    ids=["nf4-dq", "nf4-dq-checkpointing", "int8"],
+)
 def test_lora_training_lowers_loss_and_leaves_base_weights_alone(dense_dir, batch, name, gradient_checkpointing):
     model = lora_model(dense_dir, name, use_gradient_checkpointing=gradient_checkpointing)
     layer_type = Linear4bit if name != "int8" else Linear8bitLt
@@ -99,9 +106,10 @@ def test_lora_training_lowers_loss_and_leaves_base_weights_alone(dense_dir, batc
     assert trainable and all("lora_" in n for n in trainable)
     before = frozen_state(model)
 
-    losses = train(model, batch, steps=6)
-    # 6 AdamW steps at lr 1e-2 on one batch: measured 4.9 -> 4.3 (4-bit) and (int8)
-    assert losses[-1] < losses[0] - 0.2, losses
+    losses = train(model, batch, steps=4)
+    # 4 AdamW steps at lr 1e-2 on one batch: measured 5.27 -> 3.34 (4-bit), 5.31 -> 3.41 (int8)
+    assert losses[-1] < losses[0] - 1.0, losses
+    assert all(later < earlier for earlier, later in zip(losses, losses[1:])), losses
     after = frozen_state(model)
     assert before.keys() == after.keys()
     for key in before:
@@ -111,7 +119,7 @@ def test_lora_training_lowers_loss_and_leaves_base_weights_alone(dense_dir, batc
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_merge_adapters_into_dequantized_copy(dense_dir, batch, name):
     model = lora_model(dense_dir, name, use_gradient_checkpointing=False)
-    train(model, batch, steps=3)
+    train(model, batch, steps=2)
     model.eval()
     with torch.no_grad():
         expected = model(input_ids=batch).logits.float()

@@ -17,7 +17,7 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers", reason="transformers is needed (pip install tritonbits[hf])")
 pytest.importorskip("accelerate", reason="accelerate is needed (pip install tritonbits[hf])")
-safetensors_torch = pytest.importorskip("safetensors.torch", reason="safetensors is needed (pip install tritonbits[hf])")
+safetensors_torch = pytest.importorskip("safetensors.torch", reason="safetensors is needed (tritonbits[hf])")
 
 import tritonbits.hf as hf  # noqa: E402
 from tritonbits.nn import Linear4bit, Linear8bitLt  # noqa: E402
@@ -160,8 +160,8 @@ def test_from_pretrained_quantizes_linear_layers(dense_dirs, input_ids, name, dt
 
     for layer in model.model.layers:
         for module_name in LINEAR_NAMES:
-            module = layer.get_submodule("self_attn" if module_name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp")
-            assert type(getattr(module, module_name)) is layer_type, module_name
+            parent = layer.self_attn if module_name in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp
+            assert type(getattr(parent, module_name)) is layer_type, module_name
     assert type(model.lm_head) is nn.Linear
     assert model.lm_head.weight.dtype == dtype
     assert model.is_loaded_in_4bit == (layer_type is Linear4bit)
@@ -176,7 +176,8 @@ def test_from_pretrained_quantizes_linear_layers(dense_dirs, input_ids, name, dt
     # the same network with each quantized layer replaced by its decoded weight computes the same
     # logits: the error above is the weights', not the layer's. 4-bit decodes before the matmul
     # (float rounding only); int8 also quantizes activations per row (about 1% of the logits' norm)
-    decoded = hf.dequantize_model(load(dense_dirs[dtype], dtype, quantization_config=hf.TritonBitsConfig(**CONFIGS[name])))
+    decoded = load(dense_dirs[dtype], dtype, quantization_config=hf.TritonBitsConfig(**CONFIGS[name]))
+    hf.dequantize_model(decoded)
     assert not any(isinstance(m, (Linear4bit, Linear8bitLt)) for m in decoded.modules())
     tolerance = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype] if layer_type is Linear4bit else 3e-2
     assert relative_error(logits(decoded, input_ids), actual) < tolerance
@@ -287,12 +288,15 @@ def test_bitsandbytes_checkpoint_loads_after_enable_compat(dense_dirs, input_ids
         assert relative_error(actual, expected) < 2e-2
 
 
-def test_bitsandbytes_config_quantizes_on_tritonbits_without_bitsandbytes(dense_dirs, input_ids, monkeypatch, bnb_compat):
+def test_bitsandbytes_config_quantizes_on_tritonbits_without_bitsandbytes(
+    dense_dirs, input_ids, monkeypatch, bnb_compat
+):
     hide_bitsandbytes(monkeypatch)
     model = load(dense_dirs[torch.float32], torch.float32, quantization_config=BitsAndBytesConfig(**CONFIGS["nf4-dq"]))
     assert type(model.model.layers[0].mlp.gate_proj) is Linear4bit
     assert type(model.lm_head) is nn.Linear
-    reference = load(dense_dirs[torch.float32], torch.float32, quantization_config=hf.TritonBitsConfig(**CONFIGS["nf4-dq"]))
+    config = hf.TritonBitsConfig(**CONFIGS["nf4-dq"])
+    reference = load(dense_dirs[torch.float32], torch.float32, quantization_config=config)
     assert torch.equal(logits(model, input_ids), logits(reference, input_ids))
 
 
@@ -324,5 +328,5 @@ def test_load_and_generate_on_gpu(dense_dirs, input_ids, name):
     ids = input_ids.cuda()
     # measured on CPU: 0.26-0.37 (4-bit), 0.03 (int8)
     assert relative_error(logits(model, ids), logits(dense, ids)) < (0.5 if name != "int8" else 0.06)
-    generated = model.generate(ids, max_new_tokens=4, do_sample=False)
+    generated = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert generated.shape == (2, 16)

@@ -18,20 +18,21 @@ import importlib
 
 from .replace import dequantize_model, quantize_model  # noqa: F401
 
-_LAZY = {
-    "TritonBitsConfig": "config",
-    "TritonBitsHfQuantizer": "quantizer",
-    "BitsAndBytesCompatQuantizer": "quantizer",
-    "enable_bitsandbytes_compat": "quantizer",
-    "disable_bitsandbytes_compat": "quantizer",
-}
+# names that need transformers; all served by the quantizer module, which imports the config, so
+# the config and the quantizer are registered with transformers together
+_LAZY = (
+    "TritonBitsConfig",
+    "TritonBitsHfQuantizer",
+    "BitsAndBytesCompatQuantizer",
+    "enable_bitsandbytes_compat",
+    "disable_bitsandbytes_compat",
+)
 
-__all__ = ["TritonBitsConfig", "enable_bitsandbytes_compat", "quantize_model", "dequantize_model", *_LAZY]
+__all__ = ["quantize_model", "dequantize_model", *_LAZY]
 
 
 def __getattr__(name: str):
     if name in _LAZY:
-        # the quantizer module imports the config: both get registered with transformers together
         module = importlib.import_module(f"{__name__}.quantizer")
         return getattr(module, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

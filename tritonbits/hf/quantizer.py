@@ -118,7 +118,9 @@ class LoadQuantized8bit(ConversionOps):
         tensors = {key: _first(value) for key, value in input_dict.items()}
         weight_format = tensors.get("weight_format")
         if weight_format is not None and int(weight_format) != LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING["row"]:
-            raise ValueError(f"{full_layer_name}: only the row-major weight_format (0) is supported, got {weight_format}")
+            raise ValueError(
+                f"{full_layer_name}: only the row-major weight_format (0) is supported, got {weight_format}"
+            )
         codes = tensors["weight"]
         if codes.dtype != torch.int8:
             raise ValueError(f"{full_layer_name}: an 8-bit checkpoint holds int8 weights, got {codes.dtype}")
@@ -181,7 +183,9 @@ class TritonBitsHfQuantizer(HfQuantizer):
         )
         if self.quantization_config.llm_int8_enable_fp32_cpu_offload and isinstance(device_map, dict):
             self.modules_to_not_convert += [name for name, device in device_map.items() if device in ("cpu", "disk")]
-        replace_with_quantized_linear(model, self.settings, self.modules_to_not_convert, pre_quantized=self.pre_quantized)
+        replace_with_quantized_linear(
+            model, self.settings, self.modules_to_not_convert, pre_quantized=self.pre_quantized
+        )
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
