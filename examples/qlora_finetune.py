@@ -92,7 +92,8 @@ def main() -> None:
                       task_type="CAUSAL_LM")  # fmt: skip
     model = get_peft_model(model, lora)
     model.print_trainable_parameters()
-    frozen = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" not in k and v.dtype == torch.uint8}
+    # the packed 4-bit codes, to check afterwards that training left them alone
+    frozen = {k: v.detach().clone() for k, v in model.state_dict().items() if v.dtype == torch.uint8}
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = PagedAdamW8bit(trainable, lr=lr) if args.paged_adamw_8bit else torch.optim.AdamW(trainable, lr=lr)
