@@ -226,3 +226,10 @@ class TestErrors:
         packed, state = F.quantize_4bit(torch.randn(16, 64))
         with pytest.raises(ValueError, match="must equal the weight's K"):
             F.gemv_4bit(torch.randn(1, 32), packed, state=state)
+
+
+def test_states_do_not_share_their_code_table(rng):
+    # safetensors refuses a state dict whose tensors share storage, so each state owns its table.
+    _, first = F.quantize_4bit(torch.randn(64, generator=rng), quant_type="nf4")
+    _, second = F.quantize_4bit(torch.randn(64, generator=rng), quant_type="nf4")
+    assert first.code.untyped_storage().data_ptr() != second.code.untyped_storage().data_ptr()

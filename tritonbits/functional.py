@@ -316,7 +316,8 @@ def quantize_4bit(
             f"so the element count must be a multiple of {codes_per_word} (or use quant_storage=torch.uint8)"
         )
     packed, scales = _call("quantize_4bit", A, blocksize, quant_type, quant_storage)
-    code = cached_table(quant_type, A.device)
+    # A copy per state: layers must not share storage (safetensors refuses shared tensors).
+    code = cached_table(quant_type, A.device).clone()
 
     if compress_statistics:
         offset = scales.mean() if scales.numel() else scales.new_zeros(())
