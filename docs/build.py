@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import pkgutil
+import shutil
 import re
 import sys
 import warnings
@@ -111,6 +112,12 @@ def public_modules() -> tuple[list[str], list[str]]:
                 skipped.append(f"{info.name} (needs {error.name})")
                 continue
             raise
+        parent_name, _, short = info.name.rpartition(".")
+        parent_all = getattr(sys.modules[parent_name], "__all__", None)
+        if parent_all is not None and short not in parent_all:
+            # A package with __all__ exports names, not this module: it is an implementation
+            # detail (e.g. tritonbits.hf.quantizer behind tritonbits.hf), and pdoc gives it no page.
+            continue
         names.append(info.name)
     for name in names:
         _materialize_lazy_exports(sys.modules[name])
@@ -136,7 +143,9 @@ def build_api() -> list[str]:
     for note in skipped:
         sys.stderr.write(f"skipped: {note}\n")
     pdoc.render.configure(docformat="google", footer_text="tritonbits")
-    OUTPUT.mkdir(parents=True, exist_ok=True)
+    # A fresh folder: pages left by an earlier build must not pass the "page written" check below.
+    shutil.rmtree(OUTPUT, ignore_errors=True)
+    OUTPUT.mkdir(parents=True)
     excluded = [f"!{note.split()[0]}" for note in skipped]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
