@@ -1,5 +1,6 @@
 """The registry's direct path gives what the dispatcher gives, and steps aside when it must."""
 
+import pytest
 import torch
 
 import tritonbits.functional as F
@@ -30,3 +31,21 @@ def test_dispatch_modes_still_see_the_ops(rng):
     with OpRecorder() as recorder:
         F.quantize_4bit(x, quant_type="nf4")
     assert "tritonbits.quantize_4bit.default" in recorder.names
+
+
+def test_old_gpus_get_the_reference(monkeypatch):
+    # A GPU below Triton's minimum compute capability: auto mode warns once and runs the reference.
+    monkeypatch.setattr(registry, "_TRITON_CAPABLE", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (6, 1))
+    monkeypatch.setattr(registry, "load_triton_launcher", lambda name: pytest.fail("Triton must not be loaded"))
+    kernel = registry._lazy_kernel("int8_vectorwise_dequant", strict=False)
+    a = torch.randint(-127, 128, (2, 8), dtype=torch.int8)
+    stats = torch.rand(2)
+    fake_cuda = torch.device("cuda", 0)
+    with pytest.warns(RuntimeWarning, match="compute capability 6.1"):
+        assert registry.triton_serves(fake_cuda) is False
+    assert registry.triton_serves(fake_cuda) is False  # cached: no second warning, no query
+    assert registry.triton_serves(torch.device("cpu")) is True
+    # The kernel decides by the first tensor's device; a CPU tensor stands in for the data here.
+    monkeypatch.setattr(registry, "_first_device", lambda args: fake_cuda)
+    assert torch.equal(kernel(a, stats), REFERENCES["int8_vectorwise_dequant"](a, stats))

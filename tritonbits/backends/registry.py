@@ -3,7 +3,8 @@
 ``TRITONBITS_BACKEND`` (read once, when tritonbits is imported) chooses:
 
 - ``auto`` (default): Triton kernels on CUDA/ROCm tensors where Triton is installed, the
-  reference everywhere else. If Triton cannot be imported there, one warning, then the reference.
+  reference everywhere else. If Triton cannot be imported, or a GPU is older than Triton supports
+  (compute capability below 7.5), one warning, then the reference.
 - ``torch``: the reference everywhere.
 - ``triton``: Triton kernels on GPU tensors and, with ``TRITON_INTERPRET=1``, on CPU tensors too
   (how CI runs every kernel without a GPU). Errors are raised, never hidden by a fallback.
@@ -67,15 +68,50 @@ def load_triton_launcher(name: str):
     return getattr(module, name)
 
 
+def _first_device(args) -> torch.device | None:
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            return arg.device
+    return None
+
+
+# CUDA device index -> whether Triton compiles for its compute capability (filled on first use).
+_TRITON_CAPABLE: dict[int, bool] = {}
+
+
+def triton_serves(device: torch.device | None) -> bool:
+    """False for an NVIDIA GPU older than Triton supports (warned once); True otherwise."""
+    if device is None or device.type != "cuda" or torch.version.hip is not None:
+        return True
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _TRITON_CAPABLE:
+        from ..device import MIN_TRITON_CAPABILITY, triton_supports_capability
+
+        capability = torch.cuda.get_device_capability(index)
+        _TRITON_CAPABLE[index] = triton_supports_capability(capability)
+        if not _TRITON_CAPABLE[index]:
+            warnings.warn(
+                f"tritonbits: cuda:{index} has compute capability {capability[0]}.{capability[1]}; Triton "
+                f"needs {MIN_TRITON_CAPABILITY[0]}.{MIN_TRITON_CAPABILITY[1]} or newer, so the PyTorch reference "
+                "serves this GPU.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return _TRITON_CAPABLE[index]
+
+
 def _lazy_kernel(name: str, strict: bool):
     """A kernel for the dispatcher that loads the Triton launcher on its first call.
 
-    Not strict (``auto``): if Triton cannot be imported, warn once and use the reference.
+    Not strict (``auto``): if Triton cannot be imported, or the GPU is older than Triton
+    supports, warn once and use the reference.
     """
     launcher = None
 
     def kernel(*args, **kwargs):
         nonlocal launcher
+        if not strict and not triton_serves(_first_device(args)):
+            return REFERENCES[name](*args, **kwargs)
         if launcher is None:
             try:
                 launcher = load_triton_launcher(name)

@@ -386,7 +386,7 @@ def triton_compile_check(gpu: device_info.GpuInfo, triton: dict, rocm: bool) -> 
     if not rocm and not device_info.triton_supports_capability(gpu.capability):
         need = "sm_{}{}".format(*device_info.MIN_TRITON_CAPABILITY)
         return CheckResult(name, gpu.device, SKIP, 0.0, f"not available: {gpu.arch} is older than {need}",
-                           hint="tritonbits needs the PyTorch reference here: TRITONBITS_BACKEND=torch.")  # fmt: skip
+                           hint="tritonbits runs the PyTorch reference here; TRITONBITS_BACKEND=torch makes it explicit.")  # fmt: skip
     if not triton["importable"]:
         error = triton["import_error"] or "not installed"
         return CheckResult(name, gpu.device, FAIL, 0.0, "Triton is not importable", error, hint_for_failure(

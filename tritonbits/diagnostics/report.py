@@ -167,8 +167,8 @@ def gpu_findings(probe: device.CudaProbe, environ=None) -> list[Finding]:
                     WARNING,
                     f"{gpu.device} ({gpu.name}, {gpu.arch}) is too old for Triton (needs {need} or newer)",
                     "",
-                    "Triton cannot build kernels for this GPU. Use the PyTorch reference on it: "
-                    "TRITONBITS_BACKEND=torch (correct, slower).",
+                    "Triton cannot build kernels for this GPU, so tritonbits runs the PyTorch reference "
+                    "on it (correct, slower); TRITONBITS_BACKEND=torch makes that explicit.",
                 )
             )
     return findings
