@@ -227,6 +227,28 @@ def version_of(module: str) -> Optional[str]:
 # measurement helpers
 
 
+def dense_linear(inputs) -> Timed:
+    """The torch.nn.Linear baseline of a layer group: inputs (W [N, K], x [M, K], expected)."""
+    W, x, expected = inputs
+    N, K = W.shape
+
+    def build():
+        layer = torch.nn.Linear(K, N, bias=False, dtype=W.dtype, device=W.device)
+        layer.weight.copy_(W)
+        return layer
+
+    layer = build()
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(W.dtype, str(W.dtype).removeprefix("torch."))
+    return Timed(
+        fn=lambda layer, x: layer(x),
+        args=(layer, x),
+        label=f"torch.nn.Linear {name}",
+        check=lambda: {"rel_err": rel_err(expected, layer(x))},
+        replicate=lambda: (build(), x),
+        bytes=2 * N * K,
+    )
+
+
 def rel_err(reference: torch.Tensor, value: torch.Tensor) -> float:
     """||reference - value|| / ||reference|| in float64 (the reference log's rel_err)."""
     ref = reference.detach().double().reshape(-1)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..harness import Case, Context, Timed, import_peer, rel_err, resolve
+from ..harness import Case, Context, Timed, dense_linear, import_peer, rel_err, resolve
 from . import register
 
 SHAPES = ((4096, 4096), (8192, 28672))
@@ -49,26 +49,6 @@ def _quantized(module: str, threshold: float):
     return make
 
 
-def _fp16(inputs) -> Timed:
-    W, x, expected = inputs
-    N, K = W.shape
-
-    def build():
-        layer = torch.nn.Linear(K, N, bias=False, dtype=W.dtype, device=W.device)
-        layer.weight.copy_(W)
-        return layer
-
-    layer = build()
-    return Timed(
-        fn=lambda layer, x: layer(x),
-        args=(layer, x),
-        label="torch.nn.Linear fp16",
-        check=lambda: {"rel_err": rel_err(expected, layer(x))},
-        replicate=lambda: (build(), x),
-        bytes=2 * N * K,
-    )
-
-
 @register("lin8")
 def cases(ctx: Context) -> list[Case]:
     shapes, batches = (((64, 96),), (1, 5)) if ctx.quick else (SHAPES, BATCHES)
@@ -92,7 +72,7 @@ def cases(ctx: Context) -> list[Case]:
                         impls={
                             "tritonbits": _quantized("tritonbits", threshold),
                             "bitsandbytes": _quantized("bitsandbytes", threshold),
-                            "torch": _fp16,
+                            "torch": dense_linear,
                         },
                         bytes=int8_weight_bytes(K, N),
                         flops=2 * M * N * K,
