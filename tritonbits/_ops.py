@@ -35,6 +35,10 @@ _SCHEMAS = {
         "(Tensor A, Tensor absmax, int blocksize, str quant_type, SymInt[] shape, ScalarType dtype) -> Tensor"
     ),
     "gemv_4bit": "(Tensor A, Tensor B, SymInt[] shapeB, Tensor absmax, Tensor code, int blocksize) -> Tensor",
+    "gemv_4bit_nested": (
+        "(Tensor A, Tensor B, SymInt[] shapeB, Tensor absmax, Tensor absmax_code, Tensor absmax_scale, "
+        "Tensor offset, int absmax_blocksize, Tensor code, int blocksize) -> Tensor"
+    ),
     "int8_vectorwise_quant": "(Tensor A, float threshold=0.0) -> (Tensor, Tensor, Tensor?)",
     "int8_vectorwise_dequant": "(Tensor A, Tensor stats) -> Tensor",
     "int8_linear_matmul": "(Tensor A, Tensor B) -> Tensor",
@@ -131,6 +135,17 @@ def _(A, absmax, blocksize: int, quant_type: str, shape: Sequence[int], dtype: t
 
 @_fake("gemv_4bit")
 def _(A, B, shapeB: Sequence[int], absmax, code, blocksize: int):
+    torch._check(blocksize in BLOCKSIZES_4BIT, lambda: f"blocksize must be one of {BLOCKSIZES_4BIT}, got {blocksize}")
+    _check_float(A, "A")
+    torch._check(len(shapeB) == 2, lambda: f"shapeB must be [N, K], got {list(shapeB)}")
+    torch._check(A.shape[-1] == shapeB[1], lambda: f"A's last dim {A.shape[-1]} must equal K = {shapeB[1]}")
+    return A.new_empty((*A.shape[:-1], shapeB[0]))
+
+
+@_fake("gemv_4bit_nested")
+def _(A, B, shapeB: Sequence[int], absmax, absmax_code, absmax_scale, offset, absmax_blocksize: int, code,
+      blocksize: int):  # fmt: skip
+    torch._check(absmax.dtype == torch.uint8, lambda: f"absmax must be uint8 codes, got {absmax.dtype}")
     torch._check(blocksize in BLOCKSIZES_4BIT, lambda: f"blocksize must be one of {BLOCKSIZES_4BIT}, got {blocksize}")
     _check_float(A, "A")
     torch._check(len(shapeB) == 2, lambda: f"shapeB must be [N, K], got {list(shapeB)}")

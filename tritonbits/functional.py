@@ -448,9 +448,18 @@ def gemv_4bit(
         raise ValueError(f"state.shape must be the 2-D weight shape [N, K], got {state.shape}")
     if A.shape[-1] != state.shape[1]:
         raise ValueError(f"A's last dimension ({A.shape[-1]}) must equal the weight's K ({state.shape[1]})")
-    scales = _decoded_absmax(state)
-    _require_same_device({"A": A, "B": B, "state.absmax": scales})
-    result = _call("gemv_4bit", A, B, list(state.shape), scales.float(), state.code.to(A.device), state.blocksize)
+    _require_same_device({"A": A, "B": B, "state.absmax": state.absmax})
+    code = state.code if state.code.device == A.device else state.code.to(A.device)
+    if state.nested and state.absmax.dtype == torch.uint8:
+        # The kernel decodes the 8-bit absmax itself: no float32 absmax is written per call.
+        inner = state.state2
+        result = _call(
+            "gemv_4bit_nested", A, B, list(state.shape), state.absmax, inner.code, inner.absmax,
+            state.offset, inner.blocksize, code, state.blocksize
+        )  # fmt: skip
+    else:
+        scales = _decoded_absmax(state)
+        result = _call("gemv_4bit", A, B, list(state.shape), scales.float(), code, state.blocksize)
     if out is not None:
         _require_out(out, result.shape, result.dtype, A.device)
         return out.copy_(result)

@@ -56,18 +56,31 @@ def test_odd_shapes(rng, device, features):
         assert_close_to(matmul_4bit(A, B, state), A.double() @ W.T, torch.float32, A.double().abs() @ W.abs().T, k)
 
 
-def test_routes_one_row_to_gemv_and_batches_to_dequantize(rng):
+def test_routes_small_batches_to_gemv_and_large_ones_to_dequantize(rng):
+    from tritonbits.autograd.matmul_4bit import GEMV_MAX_ROWS
+
     B, state = quantized_weight(rng, 32, 64, "cpu")
-    with OpRecorder() as one_row:
-        matmul_4bit(torch.randn(1, 1, 64, generator=rng), B, state)
-    assert "tritonbits.gemv_4bit.default" in one_row.names
-    assert "tritonbits.dequantize_4bit.default" not in one_row.names
+    for shape in [(1, 1, 64), (3, 64), (GEMV_MAX_ROWS, 64)]:
+        with OpRecorder() as small:
+            matmul_4bit(torch.randn(*shape, generator=rng), B, state)
+        assert "tritonbits.gemv_4bit.default" in small.names, shape
+        assert "tritonbits.dequantize_4bit.default" not in small.names, shape
     with OpRecorder() as rows:
-        matmul_4bit(torch.randn(3, 64, generator=rng), B, state)
+        matmul_4bit(torch.randn(GEMV_MAX_ROWS + 1, 64, generator=rng), B, state)
     assert "tritonbits.dequantize_4bit.default" in rows.names and "tritonbits.gemv_4bit.default" not in rows.names
     with OpRecorder() as grad_row:  # training a single row: the differentiable path
         matmul_4bit(torch.randn(1, 64, generator=rng, requires_grad=True), B, state)
     assert "tritonbits.gemv_4bit.default" not in grad_row.names
+
+
+def test_nested_state_uses_the_nested_gemv(rng):
+    w = torch.randn(32, 128, generator=rng)
+    B, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    A = torch.randn(2, 128, generator=rng)
+    with OpRecorder() as recorded:
+        out = matmul_4bit(A, B, state)
+    assert "tritonbits.gemv_4bit_nested.default" in recorded.names
+    torch.testing.assert_close(out, A @ F.dequantize_4bit(B, state).T, rtol=0, atol=0)
 
 
 def test_out_argument(rng):

@@ -1,6 +1,6 @@
 """``matmul_4bit``: ``A @ W.T (+ bias)`` with W held as packed 4-bit NF4/FP4 codes (QLoRA).
 
-Forward: for a single input row without autograd, the fused ``tritonbits::gemv_4bit`` op (a
+Forward: for up to 16 input rows without autograd, the fused ``tritonbits::gemv_4bit`` op (a
 Triton kernel on GPU); otherwise W is dequantized into the compute dtype (A's dtype) by
 ``tritonbits::dequantize_4bit`` and multiplied with ``torch.nn.functional.linear``.
 
@@ -21,6 +21,10 @@ from .. import functional as F
 from ..quant_state import QuantState
 
 __all__ = ["MatMul4Bit", "matmul_4bit"]
+
+# Inputs with at most this many rows (without autograd) go to ``gemv_4bit``, whose launcher picks
+# a fused kernel or dequantize + matmul by measured speed.
+GEMV_MAX_ROWS = 16
 
 
 def dequantize_weight(B: Tensor, quant_state: QuantState, dtype: torch.dtype) -> Tensor:
@@ -131,8 +135,8 @@ def matmul_4bit(
     if needs_grad:
         return MatMul4Bit.apply(A, B, out, bias, quant_state)
 
-    if A.numel() == K:
-        # One row: the fused dequantize-and-multiply op; W is never written out.
+    if A.numel() <= GEMV_MAX_ROWS * K:
+        # Decoding and small batches: the fused dequantize-and-multiply op (W never written out).
         result = F.gemv_4bit(A, B.reshape(-1), state=quant_state)
         if bias is not None:
             result = result + bias

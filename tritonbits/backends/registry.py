@@ -34,6 +34,7 @@ TRITON_KERNELS: dict[str, str] = {
     "int8_vectorwise_quant": "int8",
     "int8_vectorwise_dequant": "int8",
     "gemv_4bit": "gemv_4bit",
+    "gemv_4bit_nested": "gemv_4bit",
     "optimizer_update_32bit": "optim",
     "optimizer_update_8bit_blockwise": "optim",
     "int8_linear_matmul": "int8_matmul",

@@ -126,3 +126,27 @@ def gemv_4bit(
     """
     weight = _decode(B, absmax, code.to(B.device), blocksize, shapeB).to(A.dtype)
     return torch.nn.functional.linear(A, weight)
+
+
+@register_reference("gemv_4bit_nested")
+def gemv_4bit_nested(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    shapeB: Sequence[int],
+    absmax: torch.Tensor,
+    absmax_code: torch.Tensor,
+    absmax_scale: torch.Tensor,
+    offset: torch.Tensor,
+    absmax_blocksize: int,
+    code: torch.Tensor,
+    blocksize: int,
+) -> torch.Tensor:
+    """:func:`gemv_4bit` with a nested absmax: uint8 codes ``absmax`` of the 256-entry
+    ``absmax_code``, float32 ``absmax_scale`` per ``absmax_blocksize`` codes, plus ``offset``.
+
+    The absmax is decoded as ``dequantize_blockwise(absmax) + offset`` in float32, as
+    ``functional.dequantize_4bit`` does for nested states.
+    """
+    values = absmax_code.to(torch.float32)[absmax.long()]
+    decoded = scale_by_block(values, absmax_scale.to(torch.float32), absmax_blocksize) + offset.to(torch.float32)
+    return gemv_4bit(A, B, shapeB, decoded, code, blocksize)
