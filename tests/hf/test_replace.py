@@ -130,3 +130,26 @@ def test_should_convert_matches_names_suffixes_and_parents():
     assert should_convert("model.layers.0.mlp.up_proj", ["lm_head", "down_proj"])
     assert should_convert("model.layers.10.mlp", ["model.layers.1"])
     assert should_convert("anything", None)
+
+
+def test_quantize_model_frees_each_dense_layer_as_it_goes(monkeypatch):
+    """Peak memory is one dense layer plus the quantized model: no replaced nn.Linear outlives its turn."""
+    import gc
+    import weakref
+
+    from tritonbits.hf import replace
+
+    model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(4)])
+    originals = [weakref.ref(layer) for layer in model]
+    alive_during = []
+    real = replace.quantize_linear
+
+    def watching(linear, settings, device):
+        gc.collect()
+        alive_during.append(sum(ref() is not None for ref in originals))
+        return real(linear, settings, device)
+
+    monkeypatch.setattr(replace, "quantize_linear", watching)
+    replace.quantize_model(model, load_in_4bit=True, modules_to_not_convert=[], progress=False)
+    # while layer i is quantized, layers 0..i-1 are gone: only the current one and those after it live
+    assert alive_during == [4, 3, 2, 1]

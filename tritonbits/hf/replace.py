@@ -230,8 +230,10 @@ def quantize_model(
     skip += list(quantize_settings.llm_int8_skip_modules or [])
     if modules_to_not_convert is None and not quantize_settings.llm_int8_skip_modules:
         skip = ["lm_head"]
-    targets = _linear_targets(model, skip)
-    for name, linear in _progress(targets, f"Quantizing to {quantize_settings.bits} bits", progress):
+    # Names only: holding the modules in a list would keep every dense weight alive until the end.
+    names = [name for name, _ in _linear_targets(model, skip)]
+    for name in _progress(names, f"Quantizing to {quantize_settings.bits} bits", progress):
+        linear = model.get_submodule(name)
         if linear.weight.device.type == "meta":
             raise ValueError(f"{name} has no weights (it is on the meta device); load them before quantize_model")
         model.set_submodule(name, quantize_linear(linear, quantize_settings, device))
