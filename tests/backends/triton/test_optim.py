@@ -20,7 +20,11 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
+from tritonbits.backends.torch import optim as torch_optim
+from tritonbits.backends.triton import optim as triton_optim
 from tritonbits.codebooks import create_dynamic_map
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -154,6 +158,68 @@ def test_8bit_blockwise_options(launcher, reference, rng, device, qmaps, name):
 def test_8bit_blockwise_non_contiguous(launcher, reference, rng, device, qmaps, name):
     transpose = lambda t: t.t()  # noqa: E731  (a [33, 31] storage seen as its [31, 33] transpose)
     _check_8bit_steps(launcher, reference, name, torch.float32, (33, 31), rng, device, qmaps, p_view=transpose)
+
+
+@triton.jit
+def _requantize_kernel(values_ptr, codes_ptr, absmax_ptr, tables_ptr, n, SIGNED: tl.constexpr, BLOCKS: tl.constexpr):
+    blocks = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
+    offsets = blocks[:, None] * 256 + tl.arange(0, 256)[None, :]
+    mask = offsets < n
+    values = tl.load(values_ptr + offsets, mask=mask, other=0.0)
+    triton_optim._requantize(values, codes_ptr, absmax_ptr, tables_ptr, offsets, mask, blocks, (n + 255) // 256,
+                             SIGNED=SIGNED)  # fmt: skip
+
+
+def _requantize_values(qmap, signed, rng):
+    """Blocks of 256 values probing the search and the sign rules (no NaN: see the test)."""
+    sorted_qmap = qmap.sort(stable=True).values
+    m = (sorted_qmap[:-1] + sorted_qmap[1:]) / 2
+    up, down = torch.tensor(float("inf")), torch.tensor(float("-inf"))
+    near = torch.cat([m, torch.nextafter(m, up), torch.nextafter(m, down)])
+    if signed:
+        near = torch.cat([near, -near])
+    near = near[near.abs() < 1]
+    tiny = torch.tensor([0.0, -0.0, 2.0**-149, -(2.0**-149), 1e-30, -1e-30, 1e-9, -1e-9, 1e-7, -1e-7])
+    random = torch.randn(4096, generator=rng) * 0.05
+    values = torch.cat([near, tiny.repeat(20), random if signed else random.abs()])
+    blocks = -(values.numel() // -255)
+    values = torch.nn.functional.pad(values, (0, blocks * 255 - values.numel()))
+    # +-1 in every block: absmax 1, so the kernel compares the values themselves (midpoints: ties).
+    ones = torch.where(torch.rand(blocks, 1, generator=rng) < 0.5, 1.0, -1.0) if signed else torch.ones(blocks, 1)
+    values = torch.cat([ones, values.view(blocks, 255)], dim=1)
+    # Blocks with a large absmax, where the smallest values scale to (+-)0 but are not 0: the
+    # rules look at the value, not at the scaled value.
+    underflow = torch.tensor([2.0**-149, -(2.0**-149), 2.0**-140, -(2.0**-140), 1e-42, -1e-42, 1e-30, -1e-30])
+    large = torch.cat([torch.full((1, 1), 3e4), underflow.repeat(32)[None, :255]], dim=1)
+    return torch.cat([values, large, -large if signed else large.abs()]).reshape(-1)[:-17].float()
+
+
+@pytest.mark.parametrize("qmap_name", ["dynamic", "unsorted", "crowded"])
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_requantize_matches_reference(rng, device, signed, qmap_name):
+    # Codes and absmax of the 8-bit states, bit for bit. NaN values are left out: the kernel's
+    # absmax (tl.max) skips NaN where the reference's propagates it.
+    if qmap_name == "dynamic":
+        qmap = create_dynamic_map(signed=signed)
+    elif qmap_name == "unsorted":
+        qmap = torch.rand(256, generator=rng) * (2 if signed else 1) - (1 if signed else 0)
+        qmap[0] = 0.0
+    else:
+        qmap = create_dynamic_map(signed=signed)
+        qmap[200:230] = qmap[200] + torch.arange(30) * 2.0**-24  # equal and near-equal entries
+    values = _requantize_values(qmap, signed, rng)
+    n = values.numel()
+    codes, absmax = torch.empty(n, dtype=torch.uint8), torch.empty(-(n // -256))
+    torch_optim._requantize(values, codes, absmax, qmap, signed)
+
+    _, tables = triton_optim._search_tables(qmap, torch.device(device), signed)
+    ours_codes = torch.empty(n, dtype=torch.uint8, device=device)
+    ours_absmax = torch.empty(absmax.shape, device=device)
+    _requantize_kernel[(triton.cdiv(absmax.numel(), 4),)](
+        values.to(device), ours_codes, ours_absmax, tables, n, SIGNED=signed, BLOCKS=4
+    )
+    assert torch.equal(ours_absmax.cpu(), absmax)  # exact
+    assert torch.equal(ours_codes.cpu(), codes)  # exact
 
 
 def test_8bit_blockwise_empty(launcher, device, qmaps):

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
-from tritonbits.codebooks import create_linear_map, dynamic_map
+from tritonbits.backends.triton import quant_blockwise as qb
+from tritonbits.codebooks import create_dynamic_map, create_linear_map, dynamic_map
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # 100 is not a power of two: the kernel pads each block's row of the tile and masks the rest.
@@ -101,3 +104,116 @@ def test_very_large_blocksize_falls_back_to_reference(launcher, reference, rng, 
         codes, absmax = launcher("quantize_blockwise")(A, dynamic_map(device), 32768)
     ref_codes, ref_absmax = reference("quantize_blockwise")(A, dynamic_map(device), 32768)
     assert torch.equal(codes, ref_codes) and torch.equal(absmax, ref_absmax)
+
+
+# ---------------------------------------------------------------------------------------------
+# The nearest-entry search (tables of quant_blockwise.search_tables), bit for bit against
+# torch.bucketize on values chosen to break a wrong search: midpoints and their float neighbors.
+
+
+def _codes(rng):
+    """Named 256-entry codes -> (code, whether its tables must mark a group crowded; None: either)."""
+    crowded = torch.linspace(-1, 1, 256)
+    crowded[100:200] = 0.3 + torch.arange(100) * 2.0**-22  # 100 entries within 2**-15 of 0.3
+    negative_zeros = torch.linspace(-1, 1, 256)
+    negative_zeros[120:130] = -0.0
+    # 8 exponents, each needing 2**11 cells: more than the tables hold.
+    over_budget = torch.cat([2.0**-e * (1 + torch.arange(32) * 2.0**-11) for e in range(1, 9)])
+    return {
+        "dynamic_signed": (create_dynamic_map(signed=True), False),
+        "dynamic_unsigned": (create_dynamic_map(signed=False), False),
+        "linear": (create_linear_map(signed=True), False),
+        "unsorted_uniform": (torch.rand(256, generator=rng) * 2 - 1, None),
+        "unsorted_normal": (torch.randn(256, generator=rng), None),
+        "crowded": (crowded[torch.randperm(256, generator=rng)], True),
+        "negative_zeros": (negative_zeros, True),  # equal midpoints, and -0.0 entries
+        "tiny": (torch.cat([torch.zeros(1), torch.logspace(-44, 0, 255)]), True),  # subnormals, repeats
+        "over_budget": (over_budget, True),
+    }
+
+
+CODE_NAMES = list(_codes(torch.Generator().manual_seed(0)))
+
+
+def _midpoints(code):
+    sorted_code = code.float().sort(stable=True).values
+    return (sorted_code[:-1] + sorted_code[1:]) / 2
+
+
+def _probes(code, rng):
+    """float32 values in [-1 - 2**-23, 1 + 2**-23] and NaN: midpoints, their neighbors, the rest."""
+    m = _midpoints(code)
+    m = m[m.abs() <= 1]
+    up, down = torch.tensor(float("inf")), torch.tensor(float("-inf"))
+    special = [0.0, -0.0, float("nan"), -float("nan"), 1.0, -1.0, 1.0 + 2**-23, -1.0 - 2**-23, 1.0 - 2**-24]
+    tiny = torch.tensor([2.0**-149, 2.0**-126, 2.0**-100, 2.0**-24, 2.0**-20, 1e-7, 1e-6, 1e-5])
+    return torch.cat([
+        m, torch.nextafter(m, up), torch.nextafter(m, down), -m, torch.nextafter(-m, up),
+        torch.tensor(special), tiny, -tiny, torch.rand(3000, generator=rng) * 2 - 1,
+        torch.randn(3000, generator=rng) * 0.05, torch.logspace(-45, 0, 500), -torch.logspace(-45, 0, 500),
+    ]).float()  # fmt: skip
+
+
+@triton.jit
+def _rank_kernel(x_ptr, tables_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offsets, mask=offsets < n, other=0.0)
+    tl.store(out_ptr + offsets, qb.nearest_rank(x, tables_ptr), mask=offsets < n)
+
+
+def _ranks(x, tables):
+    out = torch.empty(x.shape, dtype=torch.int32, device=x.device)
+    _rank_kernel[(triton.cdiv(x.numel(), 1024),)](x, tables, out, x.numel(), BLOCK=1024)
+    return out
+
+
+@pytest.mark.parametrize("name", CODE_NAMES)
+def test_nearest_rank_matches_bucketize(rng, device, name):
+    code, crowded = _codes(rng)[name]
+    tables = qb.search_tables(code.to(device))
+    # The flag says whether the crowded-group path (binary search) runs, so both paths are tested.
+    if crowded is not None:
+        assert tables[qb.GROUPS_WORD + 512].item() == int(crowded)
+    x = _probes(code, rng)
+    expected = torch.bucketize(x, _midpoints(code))  # NaN ranks last (255)
+    assert torch.equal(_ranks(x.to(device), tables).cpu().long(), expected)  # exact
+
+
+@pytest.mark.parametrize("name", CODE_NAMES)
+@pytest.mark.parametrize("blocksize", [64, 100, 256, 4096])
+def test_quantize_values_at_midpoints(launcher, reference, rng, device, name, blocksize):
+    # Every block holds +-1.0, so absmax is 1 and the kernel compares the probe values
+    # themselves: exact midpoints (ties), their float neighbors, subnormals, zeros of both signs.
+    code, _ = _codes(rng)[name]
+    x = _probes(code, rng)
+    x = x[~x.isnan() & (x.abs() <= 1)]
+    blocks = -(x.numel() // -(blocksize - 1))
+    x = torch.nn.functional.pad(x, (0, blocks * (blocksize - 1) - x.numel()))
+    ones = torch.where(torch.rand(blocks, 1, generator=rng) < 0.5, 1.0, -1.0)
+    A = torch.cat([ones, x.view(blocks, blocksize - 1)], dim=1).reshape(-1)
+    A = A[: A.numel() - blocksize // 3]  # a partial last block
+    _check_quantize(launcher, reference, A.to(device), code.to(device), blocksize)
+
+
+def test_quantize_nan_blocks(launcher, reference, rng, device):
+    # A NaN makes its block's absmax NaN and all its codes 255, as in the reference.
+    A = _random((1024,), torch.float32, rng, device)
+    A[5] = float("nan")
+    A[700] = -float("nan")
+    codes, absmax = launcher("quantize_blockwise")(A, dynamic_map(device), 256)
+    ref_codes, ref_absmax = reference("quantize_blockwise")(A, dynamic_map(device), 256)
+    assert torch.equal(codes, ref_codes)
+    assert torch.equal(absmax.isnan(), ref_absmax.isnan()) and absmax.isnan().tolist() == [True, False, True, False]
+    assert torch.equal(absmax.nan_to_num(), ref_absmax.nan_to_num())  # exact elsewhere
+
+
+def test_search_tables_cache(rng, device):
+    qb.clear_search_tables()
+    code = torch.randn(256, generator=rng).to(device)
+    first = qb.cached_search_tables(code, torch.device(device))
+    assert qb.cached_search_tables(code, torch.device(device)) is first
+    code.mul_(2)  # modified in place: the tables are rebuilt
+    rebuilt = qb.cached_search_tables(code, torch.device(device))
+    assert rebuilt is not first and torch.equal(rebuilt, qb.search_tables(code))
+    qb.clear_search_tables()
+    assert qb.cached_search_tables(code, torch.device(device)) is not rebuilt

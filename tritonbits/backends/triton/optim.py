@@ -13,10 +13,11 @@ float32, as they do in the reference's ``tensor * float``.
 8-bit blockwise states: one program owns ``_BLOCKS_PER_PROGRAM`` whole state blocks of 256
 elements, a ``[blocks, 256]`` tile in registers. It dequantizes the codes (``qmap[code] *
 absmax``), applies the rule in float32, takes each block's new absmax (a row reduction: the
-whole block must be updated before any element can be requantized), finds the nearest code by an
-8-level walk down the qmap's midpoint tree (the search of ``quant_blockwise.py``), applies the
-reference's sign rules, and writes the parameter, the codes and the absmax. So a step reads
-``g``, ``p``, the codes and absmax once and writes ``p``, codes and absmax once.
+whole block must be updated before any element can be requantized), finds the rank of each
+value among the qmap's midpoints (the search of ``quant_blockwise.py``: two table gathers, rarely a
+third), maps rank and sign to the code through one uint8 table that holds the reference's sign
+rules, and writes the parameter, the codes and the absmax. So a step reads ``g``, ``p``, the codes
+and absmax once and writes ``p``, codes and absmax once.
 
 Multi-tensor: :func:`multi_tensor_update_32bit` and :func:`multi_tensor_update_8bit_blockwise`
 update a list of parameters sharing hyperparameters in one launch. The launcher writes one int64
@@ -42,7 +43,7 @@ from torch import Tensor
 from ..._ops import num_blocks
 from ..torch import optim as reference
 from . import cast_rtne, interpreting
-from .quant_blockwise import search_tables
+from .quant_blockwise import ORDER_WORD, final_codes, nearest_rank, search_tables
 
 # Rule ids (constexpr): lamb and lars are adam and momentum with a trust ratio.
 ADAM, MOMENTUM, RMSPROP, ADAGRAD, LION, ADEMAMIX = 0, 1, 2, 3, 4, 5
@@ -123,14 +124,13 @@ def _dequantize(codes_ptr, absmax_ptr, qmap_ptr, offsets, mask, blocks, n_blocks
 
 
 @triton.jit
-def _requantize(values, codes_ptr, absmax_ptr, tree_ptr, info_ptr, offsets, mask, blocks, n_blocks,
+def _requantize(values, codes_ptr, absmax_ptr, tables_ptr, offsets, mask, blocks, n_blocks,
                 SIGNED: tl.constexpr):  # fmt: skip
     """Write a [blocks, 256] float32 tile as codes (nearest qmap entry) and per-row absmax.
 
-    ``tree``: the qmap's 255 midpoints as a breadth-first binary tree (node 1 is the root).
-    ``info[rank]`` (int16) for the rank-th smallest qmap entry: its index in qmap (bits 0-7),
-    whether it is negative (bit 8) and whether it is zero (bit 9), so that the sign rules need no
-    second gather of qmap.
+    ``tables``: the qmap's search tables (:func:`_search_tables`), whose final table holds, for
+    each case of the value (sign bit set; +0.0 or NaN; > 0) and rank, the code after the
+    reference's sign rules.
     """
     values = tl.where(mask, values, 0.0)
     absmax = tl.max(tl.abs(values), axis=1)
@@ -138,22 +138,15 @@ def _requantize(values, codes_ptr, absmax_ptr, tree_ptr, info_ptr, offsets, mask
     # Clamping to float32 tiny makes all-zero blocks give zeros instead of NaN.
     inverse = tl.math.div_rn(tl.full(absmax.shape, 1.0, tl.float32), tl.maximum(absmax, 1.1754943508222875e-38))
     scaled = values * inverse[:, None]
-    node = tl.full(scaled.shape, 1, tl.int32)
-    for _ in tl.static_range(8):  # go right unless scaled <= midpoint: ties take the smaller entry
-        threshold = tl.load(tree_ptr + node)
-        node = 2 * node + 1 - (scaled <= threshold).to(tl.int32)
-    info = tl.load(info_ptr + (node - 256)).to(tl.int32)
-    index = info & 255
+    rank = nearest_rank(scaled, tables_ptr)
+    # The case of the value (not of scaled, which can underflow to 0): 0 sign bit set, 1 +0.0 or
+    # NaN, 2 > 0. Only > 0 matters to the unsigned rule.
+    positive = (values > 0).to(tl.int32)
     if SIGNED:
-        # A value must not round to an entry of the other sign (a tiny negative value to the
-        # entry 0.0): step one entry towards the value's sign. Signs are sign bits, as torch.signbit.
-        value_negative = (values.to(tl.int32, bitcast=True) < 0).to(tl.int32)
-        flipped = ((info >> 8) & 1) != value_negative
-        index = index + tl.where(flipped, tl.where(values > 0, 1, -1), 0)
+        case = 1 + positive - (values.to(tl.int32, bitcast=True) < 0).to(tl.int32)
     else:
-        # A positive second moment must not round to 0 (Adam would step by ~lr * m / eps).
-        index = index + ((values > 0) & (((info >> 9) & 1) == 1)).to(tl.int32)
-    tl.store(codes_ptr + offsets, index.to(tl.uint8), mask=mask)
+        case = 2 * positive
+    tl.store(codes_ptr + offsets, tl.load(final_codes(tables_ptr) + (case * 256 + rank)), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,7 +233,7 @@ def _update_32bit_kernel(
 @triton.jit
 def _update_8bit_kernel(
     g_ptr, p_ptr, codes1_ptr, codes2_ptr, absmax1_ptr, absmax2_ptr,
-    qmap1_ptr, tree1_ptr, info1_ptr, qmap2_ptr, tree2_ptr, info2_ptr, table_ptr, n_tensors, n,
+    qmap1_ptr, tables1_ptr, qmap2_ptr, tables2_ptr, table_ptr, n_tensors, n,
     beta1, beta2, beta3, one_minus_beta1, one_minus_beta2, one_minus_beta3, alpha, eps, eps_c2, c1, c2,
     lr, step_size, weight_decay, decay, has_weight_decay, first_step, gnorm_scale,
     RULE: tl.constexpr, SKIP_ZEROS: tl.constexpr, MULTI: tl.constexpr, LOG_TENSORS: tl.constexpr,
@@ -279,12 +272,12 @@ def _update_8bit_kernel(
             m2 = tl.where(finite, m2 * beta3 + one_minus_beta3 * grad, 0.0)
             numerator = tl.math.div_rn(m, c1) + alpha * m2
             new_p = param - lr * tl.math.div_rn(numerator, tl.math.div_rn(tl.sqrt_rn(v), c2) + eps)
-            _requantize(m2, codes1_ptr + n, absmax1_ptr + n_blocks, tree1_ptr, info1_ptr, offsets, mask, blocks,
-                        n_blocks, SIGNED=True)  # fmt: skip
+            _requantize(m2, codes1_ptr + n, absmax1_ptr + n_blocks, tables1_ptr, offsets, mask, blocks, n_blocks,
+                        SIGNED=True)  # fmt: skip
         new_p = tl.where(has_weight_decay, new_p * decay, new_p)
         new_p = tl.where(finite, new_p, param)
-        _requantize(m, codes1_ptr, absmax1_ptr, tree1_ptr, info1_ptr, offsets, mask, blocks, n_blocks, SIGNED=True)
-        _requantize(v, codes2_ptr, absmax2_ptr, tree2_ptr, info2_ptr, offsets, mask, blocks, n_blocks, SIGNED=False)
+        _requantize(m, codes1_ptr, absmax1_ptr, tables1_ptr, offsets, mask, blocks, n_blocks, SIGNED=True)
+        _requantize(v, codes2_ptr, absmax2_ptr, tables2_ptr, offsets, mask, blocks, n_blocks, SIGNED=False)
     else:
         s1 = _dequantize(codes1_ptr, absmax1_ptr, qmap1_ptr, offsets, mask, blocks, n_blocks)
         if RULE != _LION_ID:  # coupled weight decay
@@ -306,8 +299,7 @@ def _update_8bit_kernel(
             keep = raw == 0.0
             new_p = tl.where(keep, param, new_p)
             s1_new = tl.where(keep, s1, s1_new)
-        _requantize(s1_new, codes1_ptr, absmax1_ptr, tree1_ptr, info1_ptr, offsets, mask, blocks, n_blocks,
-                    SIGNED=True)  # fmt: skip
+        _requantize(s1_new, codes1_ptr, absmax1_ptr, tables1_ptr, offsets, mask, blocks, n_blocks, SIGNED=True)
     tl.store(p_ptr + offsets, cast_rtne(new_p, p_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
@@ -348,22 +340,37 @@ class _Contiguous:
 _TABLE_CACHE: dict = {}
 
 
-def _search_tables(qmap: Tensor, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """(float32 qmap [256], midpoint tree [256], int16 info [256]) of a sorted 256-entry qmap.
+def _search_tables(qmap: Tensor, device: torch.device, signed: bool) -> tuple[Tensor, Tensor]:
+    """(float32 qmap [256], int32 search tables) of a 256-entry qmap, for the signed or unsigned rule.
+
+    The tables are ``quant_blockwise.search_tables``' with the final table replaced by the
+    reference's rounding rules, for each case of the value (sign bit set; +0.0 or NaN; > 0) and
+    each rank:
+
+    - signed: a value must not round to an entry of the other sign (a tiny negative value to the
+      entry 0.0): step one entry towards the value's sign (down unless the value is > 0). Signs
+      are sign bits, as ``torch.signbit``.
+    - unsigned: a positive second moment must not round to 0 (Adam would step by ~lr * m / eps):
+      round it up one entry.
 
     Cached per qmap tensor (the optimizer passes the same one every step) until it is modified
     in place or freed; building them needs no host synchronization.
     """
-    key = (id(qmap), device)
+    key = (id(qmap), device, signed)
     hit = _TABLE_CACHE.get(key)
     if hit is not None and hit[0]() is qmap and hit[1] == qmap._version:
         return hit[2]
     values = qmap.to(device=device, dtype=torch.float32).reshape(-1).contiguous()
-    tree, order = search_tables(values)
-    sorted_values = values[order.long()]
-    info = order.to(torch.int32) | (torch.signbit(sorted_values).to(torch.int32) << 8)
-    info = info | ((sorted_values == 0).to(torch.int32) << 9)
-    tables = (values, tree, info.to(torch.int16))
+    search = search_tables(values)
+    sorted_values, order = torch.sort(values, stable=True)  # the ranks' order in search
+    negative = torch.signbit(sorted_values).long()
+    if signed:
+        final = torch.stack([order - (1 - negative), order - negative, order + negative])
+    else:
+        final = torch.stack([order, order, order + (sorted_values == 0).long()])
+    # int64 -> uint8 wraps modulo 256, as the reference's index.to(torch.uint8) does.
+    search.view(torch.uint8)[4 * ORDER_WORD : 4 * ORDER_WORD + 768] = final.reshape(-1).to(torch.uint8)
+    tables = (values, search)
     if len(_TABLE_CACHE) > 64:
         _TABLE_CACHE.clear()
     _TABLE_CACHE[key] = (weakref.ref(qmap), qmap._version, tables)
@@ -471,14 +478,14 @@ def optimizer_update_8bit_blockwise(
     if n == 0:
         return
     device = p.device
-    qmap1_, tree1, info1 = _search_tables(qmap1, device)
-    qmap2_, tree2, info2 = _search_tables(qmap2, device) if rule in _TWO_STATE else (qmap1_, tree1, info1)
+    qmap1_, tables1 = _search_tables(qmap1, device, signed=True)
+    qmap2_, tables2 = _search_tables(qmap2, device, signed=False) if rule in _TWO_STATE else (qmap1_, tables1)
     works = [_Contiguous(t) for t in (g, p, state1, state2, absmax1, absmax2)]
     g_, p_, c1_, c2_, a1_, a2_ = (w.work for w in works)
     grid = (triton.cdiv(num_blocks(n, STATE_BLOCK), _BLOCKS_PER_PROGRAM),)
     _update_8bit_kernel[grid](
         g_, p_, c1_, c1_ if c2_ is None else c2_, a1_, a1_ if a2_ is None else a2_,
-        qmap1_, tree1, info1, qmap2_, tree2, info2, a1_, 1, n,
+        qmap1_, tables1, qmap2_, tables2, a1_, 1, n,
         RULE=rule, SKIP_ZEROS=bool(skip_zeros), MULTI=False, LOG_TENSORS=0, P_DTYPE=_TL_DTYPES[p.dtype],
         BLOCKS_PER_PROGRAM=_BLOCKS_PER_PROGRAM, INTERPRET=interpreting(), num_warps=_WARPS_8BIT,
         **_scalars(beta1, beta2, beta3, alpha, eps, weight_decay, step, lr, gnorm_scale), **_launch_options(device),
@@ -611,13 +618,13 @@ def multi_tensor_update_8bit_blockwise(
     if not small:
         return
     device = small[0][1].device
-    qmap1_, tree1, info1 = _search_tables(qmap1, device)
-    qmap2_, tree2, info2 = _search_tables(qmap2, device) if rule in _TWO_STATE else (qmap1_, tree1, info1)
+    qmap1_, tables1 = _search_tables(qmap1, device, signed=True)
+    qmap2_, tables2 = _search_tables(qmap2, device, signed=False) if rule in _TWO_STATE else (qmap1_, tables1)
     tiles = [triton.cdiv(num_blocks(p.numel(), STATE_BLOCK), _BLOCKS_PER_PROGRAM) for _, p, *_ in small]
     table = _pointer_table(tiles, [p.numel() for _, p, *_ in small], [list(c) for c in zip(*small)], device)
     g0, p0, c0, _, a0, _ = small[0]
     _update_8bit_kernel[(sum(tiles),)](
-        g0, p0, c0, c0, a0, a0, qmap1_, tree1, info1, qmap2_, tree2, info2, table, len(small), 0,
+        g0, p0, c0, c0, a0, a0, qmap1_, tables1, qmap2_, tables2, table, len(small), 0,
         RULE=rule, SKIP_ZEROS=bool(skip_zeros), MULTI=True, LOG_TENSORS=(len(small) - 1).bit_length(),
         P_DTYPE=_TL_DTYPES[p0.dtype], BLOCKS_PER_PROGRAM=_BLOCKS_PER_PROGRAM, INTERPRET=interpreting(),
         num_warps=_WARPS_8BIT,

@@ -4,17 +4,46 @@ Format and rounding are those of ``backends/torch/quant_blockwise.py`` (bit-iden
 ``blocksize`` elements of the flattened input, a float32 absmax per block, and per element the
 index of the code entry nearest to ``x * (1 / absmax)``, ties going to the smaller entry.
 
-Finding the nearest entry is a search over the 255 float32 midpoints of the sorted code. The
-launcher lays the midpoints out as an implicit binary tree in breadth-first (Eytzinger) order:
-node ``i`` has children ``2i`` and ``2i + 1``, so the first levels every element visits sit in
-the same one or two cache lines and the 8-step search touches few lines per warp. After the walk
-``i - 256`` is the number of midpoints below ``x``, which ``order`` maps back to the unsorted
-code's index.
+Finding the nearest entry means finding the rank of ``x`` among the 255 float32 midpoints of the
+sorted code, ``rank = #{m : not (x <= m)}`` (``torch.bucketize``: ties to the smaller entry, NaN
+ranks 255), then ``order[rank]``. A binary search takes 8 dependent gathers, the last ones
+touching up to 8 cache lines per warp. Here the float's own bits do most of the search:
+
+1. Group: sign and exponent of ``x`` (512 groups, stored exponent-major so that a warp's values
+   of both signs share one cache line). The group's int32 entry gives its first cell and its
+   resolution ``mb``: the group is cut into ``2**mb`` cells by the top ``mb`` mantissa bits. ``mb``
+   is chosen per code and group, the smallest that leaves at most one midpoint in each cell:
+   dense groups get fine cells, groups without midpoints a single one.
+2. Cell record (16 bits): ``base``, the number of midpoints below the cell, and ``t8``, the 8
+   bits of the cell's midpoint right below the cell's own bits (255 if it has none). ``x``
+   compares its own 8 bits there with ``t8``; only where they are equal (about 1 element in 256)
+   does it load the float midpoint. ``rank = base + (x > midpoint)``.
+3. ``order[rank]`` (uint8) is the code index; skipped (one branch per program) when the code is
+   sorted, as the dynamic maps are.
+
+Comparisons run on ``key = bits ^ ((bits >> 31) & 0x7FFFFFFF)``, an integer that orders floats as
+``<`` does, so both signs are handled alike; midpoints equal to -0.0 are stored as +0.0, which
+``x > m`` cannot tell apart. ``x`` is never infinite (``|x| <= 1`` after scaling, or NaN), so the
+two exponent-255 groups give rank 255, NaN's rank.
+
+Per element: two or three gathers (group entry, cell record, ``order``) and a rare fourth. With
+the dynamic map and normal data a warp touches about 1 + 5.5 (+ 2) cache lines for them, against
+about 14 for the tree walk this replaced; the compiled kernel (sm_90) runs about 50 instructions
+per element against 84. Tables, one int32 buffer per
+code (``TABLE_WORDS``: 11.9 KiB): group entries and 2 flags (2 KiB), midpoints (1 KiB), final
+code indices by rank (768 B, room for 3 cases), ``CELLS`` cell records (8 KiB; the dynamic maps
+use about 900). They are built on the device (a ``torch.sort`` and two small kernels), without
+host synchronization, and cached per code tensor (:func:`cached_search_tables`).
+
+Crowded codes: if two midpoints of one group share their top 15 mantissa bits (or are equal, as
+repeated code entries make them), or the cells would not fit in ``CELLS``, the group is marked
+crowded, and a tile holding one of its elements also runs an 8-step binary search over the
+midpoints for them (one branch per program: codes without crowded groups never pay for it).
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
+import weakref
 
 import torch
 import triton
@@ -25,17 +54,249 @@ from ..torch import quant_blockwise as reference
 from . import cast_rtne, interpreting, warn_once
 
 # Elements one program handles: enough to amortize the absmax reduction and keep 16-byte loads.
+# Tuning knobs (module globals so that a benchmark can sweep them); warps None: 8 from 8192
+# elements per program, else 4.
 _TILE = 4096
+_QUANT_WARPS = None
 # Largest (padded) block kept whole in one program's registers; larger blocks use the reference.
 _MAX_BLOCK = 16384
 _CODE_SIZE = 256
+
+# Layout of the search tables, in int32 words (jit functions read the constexpr copies: the
+# only kind of global Triton 3.6 lets them read).
+GROUPS_WORD = 0  # 512 group entries, then two flags: some group is crowded; order is identity
+MIDPOINTS_WORD = 544  # 256 float32: the sorted midpoints, +inf at 255
+ORDER_WORD = 800  # 768 bytes: code index by rank, up to 3 cases of 256 (quantize: 1, order)
+RECORDS_WORD = 992  # CELLS int16 cell records
+CELLS = 4096
+TABLE_WORDS = RECORDS_WORD + CELLS // 2
+_GROUPS = tl.constexpr(512)
+_MIDPOINTS = tl.constexpr(MIDPOINTS_WORD)
+_ORDER = tl.constexpr(ORDER_WORD)
+_RECORDS = tl.constexpr(RECORDS_WORD)
+_CELLS = tl.constexpr(CELLS)
+
+
+# ---------------------------------------------------------------------------------------------
+# the search
+
+
+@triton.jit
+def _records(tables_ptr):
+    return (tables_ptr + _RECORDS).to(tl.pointer_type(tl.int16))
+
+
+@triton.jit
+def _midpoints(tables_ptr):
+    return (tables_ptr + _MIDPOINTS).to(tl.pointer_type(tl.float32))
+
+
+@triton.jit
+def final_codes(tables_ptr):
+    """uint8 pointer to the code indices by rank (the launcher's final table; 256 per case)."""
+    return (tables_ptr + _ORDER).to(tl.pointer_type(tl.uint8))
+
+
+@triton.jit
+def _group(bits):
+    """Exponent * 2 + sign of float32 bits: a warp's values, of both signs, share few entries."""
+    return ((bits >> 22) & 0x1FE) | ((bits >> 31) & 1)
+
+
+@triton.jit
+def _key(bits):
+    """float32 bits -> int32 ordered like the floats (negatives: all but the sign bit flipped)."""
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _binary_search_rank(x, midpoints_ptr):
+    """#{m : not (x <= m)} over the 255 sorted midpoints (+inf pad at 255): 8 dependent gathers."""
+    rank = tl.zeros(x.shape, tl.int32)
+    for level in tl.static_range(8):
+        step = 128 >> level
+        midpoint = tl.load(midpoints_ptr + rank + (step - 1))
+        rank = tl.where(x <= midpoint, rank, rank + step)
+    return rank
+
+
+@triton.jit
+def nearest_rank(x, tables_ptr):
+    """Rank (int32, 0..255) of float32 ``x`` (|x| <= 1 or NaN) among the code's midpoints.
+
+    ``#{m : not (x <= m)}``: the index into the sorted code of the nearest entry, ties to the
+    smaller one, NaN last. ``tables_ptr``: the int32 buffer of :func:`search_tables`.
+    """
+    bits = x.to(tl.int32, bitcast=True)
+    key = _key(bits)
+    entry = tl.load(tables_ptr + _group(bits))  # first cell << 16 | crowded << 15 | 15 - mb
+    # The key's mantissa bits from bit 15 - mb up: the cell within the group (top mb bits), then
+    # the 8 bits compared with the cell's midpoint.
+    low = (key & 0x7FFFFF) >> (entry & 31)
+    cell = (entry >> 16) + (low >> 8)
+    record = tl.load(_records(tables_ptr) + cell).to(tl.uint16, bitcast=True).to(tl.int32)
+    base = record & 255
+    threshold8 = record >> 8
+    key8 = low & 255
+    # Equal 8 bits: compare with the midpoint itself (+inf where not loaded, so never above).
+    midpoint = tl.load(_midpoints(tables_ptr) + base, mask=key8 == threshold8, other=float("inf"))
+    rank = base + ((key8 > threshold8) | (x > midpoint)).to(tl.int32)
+    if tl.load(tables_ptr + _GROUPS) != 0:  # uniform: some group of this code is crowded
+        crowded = (entry >> 15) & 1
+        if tl.max(crowded) > 0:
+            rank = tl.where(crowded != 0, _binary_search_rank(x, _midpoints(tables_ptr)), rank)
+    return rank
+
+
+# ---------------------------------------------------------------------------------------------
+# building the tables (once per code, on its device)
+
+
+@triton.jit
+def _midpoint_bits(lo, hi):
+    """Bits of the float32 midpoint ``(lo + hi) / 2`` as the reference rounds it; -0.0 as +0.0."""
+    bits = ((lo + hi) * 0.5).to(tl.int32, bitcast=True)  # * 0.5 rounds exactly as / 2
+    return tl.where(bits == -2147483648, 0, bits)
+
+
+@triton.jit
+def _build_groups_kernel(sorted_ptr, order_ptr, tables_ptr, PAIRS: tl.constexpr):
+    """One program: midpoints, ``order`` and the 512 group entries of a sorted 256-entry code."""
+    i = tl.arange(0, 256)
+    lo = tl.load(sorted_ptr + i)
+    hi = tl.load(sorted_ptr + i + 1, mask=i < 255, other=0.0)
+    tl.store(tables_ptr + _MIDPOINTS + i, tl.where(i < 255, _midpoint_bits(lo, hi), 0x7F800000))
+    order = tl.load(order_ptr + i)
+    tl.store(final_codes(tables_ptr) + i, order.to(tl.uint8))
+    tl.store(tables_ptr + _GROUPS + 1, tl.min((order == i).to(tl.int32), axis=0))
+
+    # Resolution each group needs: consecutive midpoints i, i + 1 of one group fall in different
+    # cells once mb exceeds the number of leading mantissa bits they share.
+    groups = tl.arange(0, 512)
+    need = tl.zeros([512], tl.int32)
+    for start in tl.static_range(0, 256, PAIRS):
+        p = start + tl.arange(0, PAIRS)
+        s0 = tl.load(sorted_ptr + p)
+        s1 = tl.load(sorted_ptr + p + 1, mask=p + 1 < 256, other=0.0)
+        s2 = tl.load(sorted_ptr + p + 2, mask=p + 2 < 256, other=0.0)
+        first, second = _midpoint_bits(s0, s1), _midpoint_bits(s1, s2)
+        group = _group(first)
+        diff = (first ^ second) & 0x7FFFFF
+        length = (diff.to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 126  # bit length (diff >= 1)
+        mb = tl.where(diff == 0, 24, 24 - length)  # 24: equal midpoints, no resolution separates them
+        mb = tl.where((p < 254) & (group == _group(second)), mb, 0)
+        need = tl.maximum(need, tl.max(tl.where(group[None, :] == groups[:, None], mb[None, :], 0), axis=1))
+    need = tl.where(groups >= 510, 0, need)  # exponent 255 (NaN): one cell, rank 255
+
+    # Largest resolution cap (<= 15: the 8 compared bits must fit below the cell's) whose cells
+    # fit; groups needing more are crowded and get one cell.
+    cap = tl.sum(need * 0)
+    for c in tl.static_range(16):
+        cells = tl.sum(tl.where(need <= c, tl.full([512], 1, tl.int32) << need, 1))
+        cap = tl.where(cells <= _CELLS, c, cap)
+    crowded = need > cap
+    mb = tl.where(crowded, 0, need)
+    size = tl.full([512], 1, tl.int32) << mb
+    start_cell = tl.cumsum(size, axis=0) - size
+    tl.store(tables_ptr + groups, (start_cell << 16) | (crowded.to(tl.int32) << 15) | (15 - mb))
+    tl.store(tables_ptr + _GROUPS, tl.max(crowded.to(tl.int32), axis=0))
+
+
+@triton.jit
+def _build_cells_kernel(tables_ptr, BLOCK: tl.constexpr):
+    """Cell records ``base | t8 << 8`` (int16) for BLOCK cells per program."""
+    cell = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    # The group owning the cell: how many groups end at or before it (binary search, 9 steps).
+    group = tl.zeros([BLOCK], tl.int32)
+    for level in tl.static_range(9):
+        step = 256 >> level
+        entry = tl.load(tables_ptr + group + (step - 1))
+        end = (entry >> 16) + (1 << (15 - (entry & 31)))
+        group = tl.where(end <= cell, group + step, group)
+    entry = tl.load(tables_ptr + group)
+    shift = (entry & 31) + 8  # 23 - mb
+    # Key range of the cell: the group's smallest key plus the cell's offset in it.
+    group_key = ((group & 1) << 31) | (((group >> 1) ^ ((group & 1) * 255)) << 23)
+    key_lo = group_key + ((cell - (entry >> 16)) << shift)
+    key_hi = key_lo + (1 << shift)
+    # base = #{midpoints with key < key_lo} (binary search over the sorted midpoints' keys).
+    base = tl.zeros([BLOCK], tl.int32)
+    for level in tl.static_range(8):
+        step = 128 >> level
+        key = _key(tl.load(tables_ptr + _MIDPOINTS + base + (step - 1)))
+        base = tl.where(key < key_lo, base + step, base)
+    first = _key(tl.load(tables_ptr + _MIDPOINTS + base))
+    second = _key(tl.load(tables_ptr + _MIDPOINTS + tl.minimum(base + 1, 255)))
+    single = (first < key_hi) & (second >= key_hi)  # exactly one midpoint in the cell
+    threshold8 = tl.where(single, (first >> (shift - 8)) & 255, 255)
+    record = tl.where(group >= 510, 0xFFFF, base | (threshold8 << 8))  # NaN: rank 255, no tie
+    tl.store(_records(tables_ptr) + cell, record.to(tl.int16))
+
+
+def search_tables(code: torch.Tensor) -> torch.Tensor:
+    """256-entry code (any order) -> int32 [TABLE_WORDS] search tables on the code's device.
+
+    Same stable sort and float32 midpoints as the reference's ``nearest_code``. Bytes from
+    ``4 * ORDER_WORD`` hold ``order`` (sorted rank -> code index, uint8), which a caller with its
+    own rounding rules may overwrite (768 bytes there are free). Built by device ops only (a sort
+    and two small kernels), with no host synchronization.
+    """
+    sorted_code, order = torch.sort(code.float().reshape(-1), stable=True)
+    tables = torch.zeros(TABLE_WORDS, dtype=torch.int32, device=code.device)  # unused words: 0
+    # The interpreter pays per operation, not per element: one wide step instead of many.
+    pairs, cells_per_program = (256, CELLS) if interpreting() else (16, 512)
+    _build_groups_kernel[(1,)](sorted_code, order, tables, PAIRS=pairs, num_warps=8)
+    _build_cells_kernel[(CELLS // cells_per_program,)](tables, BLOCK=cells_per_program, num_warps=4)
+    return tables
+
+
+_TABLE_CACHE: dict = {}
+
+
+def cached_search_tables(code: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """:func:`search_tables` of ``code`` on ``device``, cached per code tensor.
+
+    An entry is used while the same tensor object is alive and unmodified (its ``_version``); a
+    new tensor with the same values is a new entry. :func:`clear_search_tables` empties the cache.
+    """
+    key = (id(code), torch.device(device))
+    hit = _TABLE_CACHE.get(key)
+    if hit is not None and hit[0]() is code and hit[1] == code._version:
+        return hit[2]
+    tables = search_tables(code.to(device))
+    if len(_TABLE_CACHE) >= 64:
+        _TABLE_CACHE.clear()
+    _TABLE_CACHE[key] = (weakref.ref(code), code._version, tables)
+    return tables
+
+
+def clear_search_tables() -> None:
+    """Forget the cached search tables (they are rebuilt on the next call)."""
+    _TABLE_CACHE.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+
+
+@triton.jit
+def _max_keep_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _row_absmax(x, INTERPRET: tl.constexpr):
+    """max |x| of each row, NaN where the row holds one (as torch's amax; tl.max drops NaN)."""
+    if INTERPRET:  # the interpreter calls a custom combine per element: add the NaNs instead
+        return tl.max(tl.abs(x), axis=1) + tl.sum(tl.where(x != x, x, 0.0), axis=1)  # noqa: PLR0124
+    else:
+        return tl.reduce(tl.abs(x), 1, _max_keep_nan)
 
 
 @triton.jit
 def _quantize_blockwise_kernel(
     a_ptr,
-    tree_ptr,
-    order_ptr,
+    tables_ptr,
     codes_ptr,
     absmax_ptr,
     n,
@@ -43,6 +304,7 @@ def _quantize_blockwise_kernel(
     BLOCKSIZE: tl.constexpr,
     BLOCK_PAD: tl.constexpr,
     BLOCKS_PER_PROGRAM: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     # A [BLOCKS_PER_PROGRAM, BLOCK_PAD] tile: one quantization block per row, so the absmax is a
     # row reduction in registers and the input is read once.
@@ -52,18 +314,19 @@ def _quantize_blockwise_kernel(
     mask = (cols[None, :] < BLOCKSIZE) & (offsets < n)
     x = tl.load(a_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
 
-    absmax = tl.max(tl.abs(x), axis=1)
+    # A NaN makes its block's absmax NaN and all its codes 255, as in the reference.
+    absmax = _row_absmax(x, INTERPRET)
     tl.store(absmax_ptr + blocks, absmax, mask=blocks < n_blocks)
     # Clamping to float32 tiny (2**-126) makes all-zero blocks give zeros instead of NaN.
-    inverse = tl.math.div_rn(tl.full(absmax.shape, 1.0, tl.float32), tl.maximum(absmax, 1.1754943508222875e-38))
+    tiny = tl.full(absmax.shape, 1.1754943508222875e-38, tl.float32)
+    inverse = tl.math.div_rn(tl.full(absmax.shape, 1.0, tl.float32), _max_keep_nan(absmax, tiny))
     scaled = x * inverse[:, None]
 
-    # Eytzinger walk: go right unless scaled <= node (NaN goes right, as torch.bucketize puts it last).
-    node = tl.full(scaled.shape, 1, tl.int32)
-    for _ in tl.static_range(8):  # log2(256) levels, one per bit of the result
-        threshold = tl.load(tree_ptr + node)
-        node = 2 * node + 1 - (scaled <= threshold).to(tl.int32)
-    code_index = tl.load(order_ptr + (node - 256))
+    rank = nearest_rank(scaled, tables_ptr)
+    if tl.load(tables_ptr + _GROUPS + 1) != 0:  # sorted code (the dynamic maps): index = rank
+        code_index = rank.to(tl.uint8)
+    else:
+        code_index = tl.load(final_codes(tables_ptr) + rank)
     tl.store(codes_ptr + offsets, code_index, mask=mask)
 
 
@@ -77,37 +340,6 @@ def _dequantize_blockwise_kernel(
     value = tl.load(code_ptr + index.to(tl.int32))
     scale = tl.load(absmax_ptr + offsets // BLOCKSIZE, mask=mask, other=0.0)
     tl.store(out_ptr + offsets, cast_rtne(value * scale, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
-
-
-@lru_cache(maxsize=None)
-def _eytzinger_order() -> tuple[int, ...]:
-    """Sorted-midpoint index held by each node 1..255 of the tree (entry 0 is unused)."""
-    layout = [0] * _CODE_SIZE
-    next_sorted = iter(range(_CODE_SIZE - 1))
-
-    def fill(node: int) -> None:  # in-order traversal visits the keys in ascending order
-        if node < _CODE_SIZE:
-            fill(2 * node)
-            layout[node] = next(next_sorted)
-            fill(2 * node + 1)
-
-    fill(1)
-    return tuple(layout)
-
-
-@lru_cache(maxsize=None)
-def _eytzinger_index(device: torch.device) -> torch.Tensor:
-    return torch.tensor(_eytzinger_order(), dtype=torch.int64, device=device)
-
-
-def search_tables(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """256-entry code -> (float32 midpoint tree [256], uint8 sorted-rank -> code index [256]).
-
-    Same sort and midpoints as the reference's ``nearest_code``; device ops only, no host sync.
-    """
-    sorted_code, order = torch.sort(code.float().reshape(-1), stable=True)
-    midpoints = (sorted_code[:-1] + sorted_code[1:]) / 2
-    return midpoints[_eytzinger_index(code.device)].contiguous(), order.to(torch.uint8)
 
 
 def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,13 +361,13 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> t
     absmax = torch.empty(num_blocks(n, blocksize), dtype=torch.float32, device=A.device)
     if n == 0:
         return codes, absmax
-    tree, order = search_tables(code.to(A.device))
+    tables = cached_search_tables(code, A.device)
     blocks_per_program = min(max(1, _TILE // block_pad), triton.next_power_of_2(absmax.numel()))
     grid = (triton.cdiv(absmax.numel(), blocks_per_program),)
+    tile = block_pad * blocks_per_program
     _quantize_blockwise_kernel[grid](
         A.contiguous(),
-        tree,
-        order,
+        tables,
         codes,
         absmax,
         n,
@@ -143,7 +375,8 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> t
         BLOCKSIZE=blocksize,
         BLOCK_PAD=block_pad,
         BLOCKS_PER_PROGRAM=blocks_per_program,
-        num_warps=8 if block_pad * blocks_per_program >= 8192 else 4,
+        INTERPRET=interpreting(),
+        num_warps=_QUANT_WARPS or (8 if tile >= 8192 else 4),
     )
     return codes, absmax
 
