@@ -133,24 +133,24 @@ def _(A, absmax, blocksize: int, quant_type: str, shape: Sequence[int], dtype: t
     return A.new_empty(shape, dtype=dtype)
 
 
-@_fake("gemv_4bit")
-def _(A, B, shapeB: Sequence[int], absmax, code, blocksize: int):
+def _gemv_output(A, shapeB: Sequence[int], blocksize: int):
     torch._check(blocksize in BLOCKSIZES_4BIT, lambda: f"blocksize must be one of {BLOCKSIZES_4BIT}, got {blocksize}")
     _check_float(A, "A")
     torch._check(len(shapeB) == 2, lambda: f"shapeB must be [N, K], got {list(shapeB)}")
     torch._check(A.shape[-1] == shapeB[1], lambda: f"A's last dim {A.shape[-1]} must equal K = {shapeB[1]}")
     return A.new_empty((*A.shape[:-1], shapeB[0]))
+
+
+@_fake("gemv_4bit")
+def _(A, B, shapeB: Sequence[int], absmax, code, blocksize: int):
+    return _gemv_output(A, shapeB, blocksize)
 
 
 @_fake("gemv_4bit_nested")
 def _(A, B, shapeB: Sequence[int], absmax, absmax_code, absmax_scale, offset, absmax_blocksize: int, code,
       blocksize: int):  # fmt: skip
     torch._check(absmax.dtype == torch.uint8, lambda: f"absmax must be uint8 codes, got {absmax.dtype}")
-    torch._check(blocksize in BLOCKSIZES_4BIT, lambda: f"blocksize must be one of {BLOCKSIZES_4BIT}, got {blocksize}")
-    _check_float(A, "A")
-    torch._check(len(shapeB) == 2, lambda: f"shapeB must be [N, K], got {list(shapeB)}")
-    torch._check(A.shape[-1] == shapeB[1], lambda: f"A's last dim {A.shape[-1]} must equal K = {shapeB[1]}")
-    return A.new_empty((*A.shape[:-1], shapeB[0]))
+    return _gemv_output(A, shapeB, blocksize)
 
 
 @_fake("int8_vectorwise_quant")

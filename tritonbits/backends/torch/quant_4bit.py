@@ -18,7 +18,7 @@ import torch
 
 from ..._ops import register_reference
 from ...codebooks import get_4bit_type
-from .quant_blockwise import normalize_by_block, scale_by_block
+from .quant_blockwise import dequantize_blockwise, normalize_by_block, scale_by_block
 
 # FP4 magnitude codes (bits 0-2) in increasing order of value: 0, 0.0625, 2, 3, 4, 6, 8, 12 (then /12).
 _FP4_CODES_BY_MAGNITUDE = (0, 1, 6, 7, 4, 5, 2, 3)
@@ -147,6 +147,5 @@ def gemv_4bit_nested(
     The absmax is decoded as ``dequantize_blockwise(absmax) + offset`` in float32, as
     ``functional.dequantize_4bit`` does for nested states.
     """
-    values = absmax_code.to(torch.float32)[absmax.long()]
-    decoded = scale_by_block(values, absmax_scale.to(torch.float32), absmax_blocksize) + offset.to(torch.float32)
-    return gemv_4bit(A, B, shapeB, decoded, code, blocksize)
+    decoded = dequantize_blockwise(absmax, absmax_scale.float(), absmax_code, absmax_blocksize, torch.float32)
+    return gemv_4bit(A, B, shapeB, decoded + offset.to(torch.float32), code, blocksize)
