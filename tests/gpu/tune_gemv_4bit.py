@@ -22,22 +22,35 @@ import time
 
 import torch
 
+from timing import graph_us  # tests/gpu/timing.py (the script's folder is on sys.path)
+
 SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (8192, 28672))  # K, N
 ROWS = (1, 2, 4, 8, 16)
 BLOCKSIZE = 64
 
 
 def candidates(rows: int) -> list[tuple]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, use_dot) configurations worth timing for ``rows``."""
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, use_dot, permute_a) configurations worth timing for ``rows``."""
     out = []
-    if rows <= 2:  # the CUDA-core kernel: one program per row of A
-        for bn, bk, w in itertools.product((8, 16, 32), (512, 1024, 2048), (4, 8)):
-            out.append((1, bn, bk, w, 1, False))
-    if rows >= 2:
-        for bn, bk, w in itertools.product((32, 64, 128), (128, 256, 512), (4, 8)):
-            out.append((16, bn, bk, w, 1, True))
-        out.append((16, 64, 256, 4, 2, True))
+    if rows <= 2:  # the CUDA-core kernel, one program per row of A
+        for bn, bk, w, perm in itertools.product((2, 4, 8), (1024, 2048, 4096), (4, 8), (False, True)):
+            out.append((1, bn, bk, w, 1, False, perm))
+    if rows >= 2:  # CUDA cores, several rows per program sharing each decoded code
+        for bm in sorted({2, min(rows, 4)}):
+            for bn, bk, w, perm in itertools.product((2, 4, 8), (1024, 2048), (4, 8), (False, True)):
+                out.append((bm, bn, bk, w, 1, False, perm))
+        for bn, bk, w, perm in itertools.product((64, 128), (256, 512), (4, 8), (False, True)):
+            out.append((16, bn, bk, w, 1, True, perm))
     return out
+
+
+def prepared(a, packed, state, config):
+    """The kernel's launch for ``config`` on this weight (built once, launched by ``.launch(a)``)."""
+    from tritonbits.backends.triton import gemv_4bit as kernels
+
+    N, K = state.shape
+    return kernels.GemvLaunch(a.shape[0], N, K, a.dtype, a.device, kernels._as_words(packed), state.absmax, None,
+                              state.code, BLOCKSIZE, config)  # fmt: skip
 
 
 def _inputs(K: int, N: int, rows: int, seed: int = 0):
@@ -52,8 +65,6 @@ def _inputs(K: int, N: int, rows: int, seed: int = 0):
 
 def _warm(jobs) -> int:
     """Worker: compile (run once) each (K, N, rows, config); returns how many failed."""
-    from tritonbits.backends.triton import gemv_4bit as kernels
-
     failed = 0
     cache = {}
     for K, N, rows, config in jobs:
@@ -61,36 +72,11 @@ def _warm(jobs) -> int:
             cache = {(K, N, rows): _inputs(K, N, rows)}
         packed, state, a = cache[(K, N, rows)]
         try:
-            kernels._launch(a, kernels._as_words(packed), N, K, state.absmax, None, state.code, BLOCKSIZE, config)
+            prepared(a, packed, state, config).launch(a)
         except Exception:  # rejected configs are reported in the timing pass
             failed += 1
     torch.cuda.synchronize()
     return failed
-
-
-def graph_us(fn, calls: int = 10, reps: int = 5) -> float:
-    """Median kernel time of ``fn`` per call in microseconds, replayed from a CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    return sorted(times)[len(times) // 2]
 
 
 def eager_us(fn, calls: int = 50) -> float:
@@ -161,11 +147,10 @@ def main() -> None:
             results = []
             for config in candidates(rows):
                 try:
-                    out = kernels._launch(a, kernels._as_words(packed), N, K, state.absmax, None, state.code, BLOCKSIZE, config)
+                    launch = prepared(a, packed, state, config)
+                    out = launch.launch(a)
                     err = (out.float() - expected).abs().max().item() / scale
-                    words = kernels._as_words(packed)
-                    us = graph_us(lambda: kernels._launch(a, words, N, K, state.absmax, None, state.code, BLOCKSIZE,
-                                                          config))
+                    us = graph_us(lambda: launch.launch(a))
                 except Exception as e:
                     records.append({**base, "config": config, "error": repr(e)[:200]})
                     continue

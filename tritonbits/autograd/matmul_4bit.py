@@ -17,7 +17,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
 from .. import functional as F
+from ..backends import registry
 from ..quant_state import QuantState
 
 __all__ = ["MatMul4Bit", "matmul_4bit"]
@@ -75,6 +78,23 @@ class MatMul4Bit(torch.autograd.Function):
             weight = dequantize_weight(B, ctx.quant_state, grad_output.dtype)
             grad_A = torch.matmul(grad_output, weight)
         return grad_A, None, None, grad_bias, None
+
+
+def _prepared_gemv(A: Tensor, B: Tensor, quant_state: QuantState):
+    """The fused gemv launch kept on ``quant_state`` for eager GPU calls (None: use the op).
+
+    Going through ``functional.gemv_4bit`` and the kernel launcher costs tens of microseconds of
+    host time per call, more than the kernel itself on a 4096x4096 weight; the prepared launch
+    does that work once per layer, row count and dtype."""
+    if (
+        type(A) is not Tensor
+        or torch.compiler.is_compiling()
+        or is_in_torch_dispatch_mode()
+        or not isinstance(quant_state, QuantState)
+    ):
+        return None
+    module = registry.triton_module("gemv_4bit", A.device)
+    return None if module is None else module.state_gemv_launch(A, B, quant_state)
 
 
 def _check_arguments(A, B, quant_state) -> None:
@@ -137,7 +157,11 @@ def matmul_4bit(
 
     if A.numel() <= GEMV_MAX_ROWS * K:
         # Decoding and small batches: the fused dequantize-and-multiply op (W never written out).
-        result = F.gemv_4bit(A, B.reshape(-1), state=quant_state)
+        launch = _prepared_gemv(A, B, quant_state)
+        if launch is not None:
+            result = launch.launch(A)
+        else:
+            result = F.gemv_4bit(A, B.reshape(-1), state=quant_state)
         if bias is not None:
             result = result + bias
     else:

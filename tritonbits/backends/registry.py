@@ -155,3 +155,16 @@ def direct_kernel(name: str, device_type: str):
     microseconds of host time per call, as much as a GPU kernel on a 4096x4096 weight.
     """
     return _REGISTERED.get((name, device_type)) or REFERENCES[name]
+
+
+def triton_module(name: str, device: torch.device):
+    """The module of tritonbits.backends.triton holding op ``name``'s kernel where Triton serves that
+    op on ``device`` (registered there, Triton importable, GPU supported), else None.
+
+    For eager fast paths that keep prepared launches (``gemv_4bit.state_gemv_launch``)."""
+    if (name, device.type) not in _REGISTERED or not triton_serves(device):
+        return None
+    try:
+        return importlib.import_module(f"tritonbits.backends.triton.{TRITON_KERNELS[name]}")
+    except ImportError:
+        return None  # the registered kernel warns once and uses the reference

@@ -31,7 +31,7 @@ def test_split_k_and_batch_dims(device, launcher, reference, rng, monkeypatch, r
     from tritonbits.backends.triton import gemv_4bit as kernels
 
     # small tiles, so that few rows of W and a long K make the launcher split K across programs
-    monkeypatch.setattr(kernels, "CONFIGS", [(1, 1, 16, 128, 4, 1, False), (16, 16, 16, 128, 4, 1, True)])
+    monkeypatch.setattr(kernels, "CONFIGS", [(1, 1, 16, 128, 4, 1, False, True), (16, 16, 16, 128, 4, 1, True, True)])
     assert kernels._split_k(1, 4096, 128, torch.device(device)) > 1
     N, K = 16, 4096
     w = torch.randn(N, K, generator=rng).to(device)
@@ -42,6 +42,45 @@ def test_split_k_and_batch_dims(device, launcher, reference, rng, monkeypatch, r
     expected = reference("gemv_4bit")(*args)
     assert out.shape == (rows, 1, N)
     assert torch.allclose(out.float(), expected.float(), rtol=1e-2, atol=1e-2 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        (1, 8, 256, 4, 1, False, False),
+        (1, 8, 256, 4, 1, False, True),
+        (4, 8, 256, 4, 1, False, False),
+        (2, 4, 512, 4, 1, False, False),
+        (4, 16, 256, 4, 1, False, True),
+        (2, 8, 512, 4, 1, False, True),
+        (16, 32, 256, 4, 1, True, True),
+    ],
+    ids=lambda c: f"m{c[0]}-n{c[1]}-k{c[2]}-{'dot' if c[5] else 'fma'}{'-perm' if c[6] else ''}",
+)
+@pytest.mark.parametrize("rows", [1, 3, 6])
+@pytest.mark.parametrize("nested", [False, True], ids=["flat", "nested"])
+def test_every_kernel_variant(device, launcher, rng, config, rows, nested):
+    """Each launch configuration (CUDA cores one or several rows per program, tensor cores; A
+    permuted or not) against the op's reference, more rows than BLOCK_M included."""
+    from tritonbits._ops import REFERENCES
+    from tritonbits.backends.triton.gemv_4bit import GemvLaunch, _as_words
+
+    N, K = 24, 1024
+    packed, state = F.quantize_4bit(torch.randn(N, K, generator=rng).to(device), compress_statistics=nested)
+    a = torch.randn(rows, K, generator=rng).to(device=device, dtype=torch.float16)
+    if nested:
+        inner = state.state2
+        nested_args = (inner.code, inner.absmax, state.offset.reshape(1), inner.blocksize)
+        args = (a, packed, [N, K], state.absmax, inner.code, inner.absmax, state.offset, inner.blocksize, state.code, 64)
+        expected = REFERENCES["gemv_4bit_nested"](*args)
+    else:
+        nested_args = None
+        expected = REFERENCES["gemv_4bit"](a, packed, [N, K], state.absmax, state.code, 64)
+    launch = GemvLaunch(rows, N, K, a.dtype, a.device, _as_words(packed), state.absmax, nested_args, state.code, 64,
+                        config)  # fmt: skip
+    out = launch.launch(a)
+    scale = expected.float().abs().max().item()
+    assert (out.float() - expected.float()).abs().max().item() <= 2 * torch.finfo(a.dtype).eps * scale
 
 
 @pytest.mark.parametrize("rows", [1, 2, 4, 7, 16])
@@ -75,3 +114,72 @@ def test_nested_absmax_decoded_in_kernel(device, launcher, reference, rng, rows,
     assert torch.equal(expected, torch.nn.functional.linear(a, dense))
     scale = expected.float().abs().max().item()
     assert (out.float() - expected.float()).abs().max().item() <= 2 * torch.finfo(dtype).eps * scale + 1e-5
+
+
+def _op_launch(launcher, a, packed, state):
+    """The op launcher's result for the weight (packed, state): what a kept launch must equal."""
+    N, K = state.shape
+    if state.nested:
+        inner = state.state2
+        return launcher("gemv_4bit_nested")(a, packed, [N, K], state.absmax, inner.code, inner.absmax, state.offset,
+                                            inner.blocksize, state.code, state.blocksize)  # fmt: skip
+    return launcher("gemv_4bit")(a, packed, [N, K], state.absmax, state.code, state.blocksize)
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["flat", "nested"])
+@pytest.mark.parametrize("rows,dtype", [(1, torch.bfloat16), (2, torch.float32), (5, torch.float16)])
+def test_kept_launch_equals_the_op_and_follows_state_changes(device, launcher, rng, nested, rows, dtype):
+    from tritonbits.backends.triton.gemv_4bit import state_gemv_launch
+
+    N, K = 40, 512
+    packed, state = F.quantize_4bit(torch.randn(N, K, generator=rng).to(device), compress_statistics=nested)
+    a = torch.randn(rows, K, generator=rng).to(device=device, dtype=dtype)
+    launch = state_gemv_launch(a, packed, state)
+    assert launch is not None
+    assert torch.equal(launch.launch(a), _op_launch(launcher, a, packed, state))
+    assert torch.equal(launch.launch(a), launch.launch(a.clone()))
+    assert state_gemv_launch(a, packed, state) is launch  # kept on the state
+
+    # A that is not 16-byte aligned (the compiled kernel was specialized on the first A's alignment)
+    shifted = torch.empty(rows * K + 1, device=device, dtype=dtype)[1:].view(rows, K)
+    shifted.copy_(a)
+    assert torch.equal(launch.launch(shifted), launch.launch(a))
+
+    # in-place changes of the weight's state or codes give a new launch with the new values
+    with torch.no_grad():
+        (state.state2.absmax if nested else state.absmax).mul_(2)
+    relaunched = state_gemv_launch(a, packed, state)
+    assert relaunched is not launch
+    assert torch.equal(relaunched.launch(a), _op_launch(launcher, a, packed, state))
+    packed.copy_(packed.flip(0))
+    flipped = state_gemv_launch(a, packed, state)
+    assert flipped is not relaunched
+    assert torch.equal(flipped.launch(a), _op_launch(launcher, a, packed, state))
+
+    # a new weight with the same state object: rebuilt for the new codes
+    other = packed.clone()
+    assert torch.equal(state_gemv_launch(a, other, state).launch(a), _op_launch(launcher, a, other, state))
+
+
+def test_kept_launches_are_not_copied_or_pickled(device, rng):
+    import copy
+    import pickle
+
+    from tritonbits.backends.triton.gemv_4bit import state_gemv_launch
+
+    packed, state = F.quantize_4bit(torch.randn(16, 256, generator=rng).to(device))
+    a = torch.randn(1, 256, generator=rng).to(device)
+    state_gemv_launch(a, packed, state).launch(a)
+    assert "_gemv_launches" in state.__dict__
+    for clone in (copy.deepcopy(state), copy.copy(state), pickle.loads(pickle.dumps(state))):
+        assert "_gemv_launches" not in clone.__dict__
+        assert clone == state
+
+
+def test_kept_launch_declines_what_the_kernel_does_not_take(device, rng):
+    from tritonbits.backends.triton.gemv_4bit import state_gemv_launch
+
+    packed, state = F.quantize_4bit(torch.randn(16, 100, generator=rng).to(device), blocksize=64)  # K % 64 != 0
+    assert state_gemv_launch(torch.randn(1, 100).to(device), packed, state) is None
+    packed, state = F.quantize_4bit(torch.randn(16, 256, generator=rng).to(device))
+    assert state_gemv_launch(torch.randn(64, 256).to(device), packed, state) is None  # too many rows

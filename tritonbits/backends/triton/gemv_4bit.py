@@ -14,8 +14,9 @@ when N alone gives too few programs. Code j of a word (k = 8 w + j) is multiplie
 column 8 w + j, so the codes are never interleaved back into k order. Code values come from a
 register gather on the 16-entry table (staged in shared memory by Triton). Two variants:
 
-- CUDA cores (``USE_DOT=False``, one program per row of A): one fused multiply-add per code
-  with the float32 code value; each block's partial sum is multiplied by its absmax once. W is
+- CUDA cores (``USE_DOT=False``, 1, 2 or 4 rows of A per program, each decoded code serving
+  all of them): one fused multiply-add per code and row with the float32 code value; each
+  word's partial sum is multiplied by its absmax once. W is
   not rounded to the compute dtype: the result is at least as accurate as dequantize-then-
   matmul, and within the compute dtype's rounding of it.
 - Tensor cores (``USE_DOT=True``, up to 16 rows, fp16/bf16): each code column is decoded to the
@@ -34,18 +35,25 @@ import triton
 import triton.language as tl
 
 from ..._ops import REFERENCES
+from ...quant_state import QuantState
 from . import cast_rtne, interpreting
 from .quant_4bit import decode_4bit
 
 # Launch configurations by row count: the first entry whose row limit covers the rows is used.
-# (max rows, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, use_dot). More rows than the last
-# entry (or float32 inputs past the CUDA-core entries) decode W and use cuBLAS. Picked by
-# tests/gpu/tune_gemv_4bit.py on an H100 (2026-11-24): one row 1.2-1.5x bf16 F.linear (43% of
-# copy bandwidth at 8192x28672); two rows 0.6-0.8x; 3..16 rows on tensor cores ~0.5x bf16,
-# level with dequantize + cuBLAS but without writing the dense weight.
-CONFIGS: list[tuple[int, int, int, int, int, int, bool]] = [
-    (2, 1, 8, 2048, 4, 1, False),
-    (16, 16, 128, 256, 4, 1, True),
+# (max rows, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, use_dot, permute_a). BLOCK_M rows
+# of A per program (CUDA cores: 1, 2 or 4 rows sharing each decoded code). permute_a: A is
+# copied to [rows, 8, K / 8] first (float32 for the CUDA-core kernel), so that code j of a
+# tile's words meets a contiguous run of A (vector loads, no conversion per code) instead of
+# every eighth element. More rows than the last entry (or float32 inputs past the CUDA-core
+# entries) decode W and use cuBLAS. Picked by tests/gpu/tune_gemv_4bit.py on an H100
+# (2026-11-24, NF4, blocksize 64, bf16, kernel times through CUDA graphs), against bf16 F.linear
+# (geometric mean over the five issue shapes): one row 1.31x (2.0x and 57% of copy bandwidth at
+# 8192x28672); two rows 1.02x; three or four rows 0.67x; 5..16 rows on tensor cores 0.41x.
+CONFIGS: list[tuple[int, int, int, int, int, int, bool, bool]] = [
+    (1, 1, 4, 2048, 4, 1, False, True),
+    (2, 2, 4, 2048, 4, 1, False, True),
+    (4, 4, 4, 2048, 4, 1, False, True),
+    (16, 16, 64, 512, 4, 1, True, True),
 ]
 
 
@@ -74,6 +82,7 @@ def _gemv_4bit_kernel(
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
     USE_DOT: tl.constexpr,
+    PERMUTED_A: tl.constexpr,
     NUM_STAGES: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
@@ -96,11 +105,21 @@ def _gemv_4bit_kernel(
     tiles = K // (SPLIT_K * BLOCK_K)  # per split; the launcher makes this exact
     k_begin = pid_k * tiles * BLOCK_K  # written so that Triton sees it is a multiple of BLOCK_K
     table = tl.load(code_ptr + tl.arange(0, 16))
+    a_rows = a_ptr + offs_m.to(tl.int64) * stride_am  # [BLOCK_M]
+    a_row = a_ptr + row0.to(tl.int64) * stride_am
+    # Accumulators. Tensor cores: the out^T tile W @ A^T. CUDA cores: per row of A (up to 4 per
+    # program, as separate tensors: a [rows, N, words] tensor would be converted between layouts
+    # for every code), [BLOCK_N, WORDS] partial sums, summed over words at the end.
     if USE_DOT:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # out^T tile: W @ A^T
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
-        acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)  # one row of A: summed over words at the end
-        a_row = a_ptr + row0.to(tl.int64) * stride_am
+        # rows of A left from row0 on, as tensors (masks must be tensors for the interpreter)
+        left = tl.zeros((BLOCK_N, WORDS), dtype=tl.int32) + (M - row0)
+        left_n = tl.zeros((BLOCK_N,), dtype=tl.int32) + (M - row0)
+        acc0 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+        acc1 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+        acc3 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
     # Software pipelining by hand: the next tile's words and absmax are requested before the
     # current tile is decoded, so that a program always has a tile in flight (the loop is
     # otherwise latency bound: a tile's decode waits on its own loads).
@@ -126,8 +145,17 @@ def _gemv_4bit_kernel(
         else:
             scale = absmax
         if not USE_DOT:
-            part = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+            part0 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+            part1 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+            part2 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+            part3 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
         for j in tl.static_range(8):
+            # A's column for code j of each word: k = 8 w + j, or, with PERMUTED_A (A stored as
+            # [rows, 8, K / 8]), the contiguous run j * K / 8 + w.
+            if PERMUTED_A:
+                a_offsets = j * row_stride_words + (k0 // 8 + offs_w)  # [WORDS]
+            else:
+                a_offsets = word_k + j
             # Nibble j is in byte j // 2 of the word, high nibble (even j) first. The lookup is a
             # register gather from the 16-entry table (Triton stages it in shared memory): a
             # global-memory gather per element, even from L1, limited the kernel to ~30% of the
@@ -136,31 +164,51 @@ def _gemv_4bit_kernel(
             value = tl.reshape(tl.gather(table, tl.reshape(nibble, [BLOCK_N * WORDS]), 0), [BLOCK_N, WORDS])
             if USE_DOT:
                 w_j = cast_rtne(value * scale, a_ptr.dtype.element_ty, INTERPRET)  # as the reference decodes
-                a_t = tl.load(
-                    a_ptr + offs_m[None, :].to(tl.int64) * stride_am + (word_k + j)[:, None],
-                    mask=mask_m[None, :],
-                    other=0.0,
-                )  # [WORDS, BLOCK_M]
+                a_t = tl.load(a_rows[None, :] + a_offsets[:, None], mask=mask_m[None, :], other=0.0)  # [WORDS, BLOCK_M]
                 if INTERPRET:
                     # The interpreter's dot mishandles bfloat16; the values are exact in float32.
                     acc += tl.dot(w_j.to(tl.float32), a_t.to(tl.float32), input_precision="ieee")
                 else:
                     acc = tl.dot(w_j, a_t, acc, out_dtype=tl.float32)
             else:
-                part += value * tl.load(a_row + word_k + j).to(tl.float32)[None, :]
+                # A's run is loaded in the words' own 2-D layout (broadcast over W's rows): a 1-D
+                # load would be converted to that layout through shared memory, with barriers.
+                # Each decoded code serves every row of A in the program.
+                a_2d = a_row + tl.broadcast_to(a_offsets[None, :], (BLOCK_N, WORDS))
+                part0 += value * tl.load(a_2d).to(tl.float32)
+                if BLOCK_M > 1:
+                    part1 += value * tl.load(a_2d + stride_am, mask=left > 1, other=0.0).to(tl.float32)
+                if BLOCK_M > 2:
+                    part2 += value * tl.load(a_2d + 2 * stride_am, mask=left > 2, other=0.0).to(tl.float32)
+                    part3 += value * tl.load(a_2d + 3 * stride_am, mask=left > 3, other=0.0).to(tl.float32)
         if not USE_DOT:
-            acc += part * scale
+            acc0 += part0 * scale
+            if BLOCK_M > 1:
+                acc1 += part1 * scale
+            if BLOCK_M > 2:
+                acc2 += part2 * scale
+                acc3 += part3 * scale
 
     if USE_DOT:
-        result = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
+        out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+        _write(out_ptrs, tl.trans(acc), mask_m[:, None] & mask_n[None, :], SPLIT_K)
     else:
-        result = tl.sum(acc, axis=1)[None, :]
-    out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-    out_mask = mask_m[:, None] & mask_n[None, :]
+        out_row = out_ptr + row0.to(tl.int64) * stride_om + offs_n
+        _write(out_row, tl.sum(acc0, axis=1), mask_n, SPLIT_K)
+        if BLOCK_M > 1:
+            _write(out_row + stride_om, tl.sum(acc1, axis=1), mask_n & (left_n > 1), SPLIT_K)
+        if BLOCK_M > 2:
+            _write(out_row + 2 * stride_om, tl.sum(acc2, axis=1), mask_n & (left_n > 2), SPLIT_K)
+            _write(out_row + 3 * stride_om, tl.sum(acc3, axis=1), mask_n & (left_n > 3), SPLIT_K)
+
+
+@triton.jit
+def _write(ptrs, result, mask, SPLIT_K: tl.constexpr):
+    """Store float32 partial results (one split of K) or add them to the float32 output (several)."""
     if SPLIT_K == 1:
-        tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(ptrs, result.to(ptrs.dtype.element_ty), mask=mask)
     else:
-        tl.atomic_add(out_ptrs, result, mask=out_mask)
+        tl.atomic_add(ptrs, result, mask=mask)
 
 
 @lru_cache(maxsize=None)
@@ -177,16 +225,16 @@ def _split_k(n_programs: int, K: int, block_k: int, device: torch.device) -> int
     return split
 
 
-def _config(rows: int, K: int, dtype: torch.dtype) -> Optional[tuple[int, int, int, int, int, bool]]:
+def _config(rows: int, K: int, dtype: torch.dtype) -> Optional[tuple[int, int, int, int, int, bool, bool]]:
     """The launch configuration for ``rows`` rows, with BLOCK_K reduced to divide K; None: not fused."""
-    for max_rows, block_m, block_n, block_k, warps, stages, use_dot in CONFIGS:
+    for max_rows, block_m, block_n, block_k, warps, stages, use_dot, permute_a in CONFIGS:
         if rows > max_rows or (use_dot and dtype == torch.float32):
             continue
         while block_k > 8 and K % block_k:
             block_k //= 2
         if K % block_k or (use_dot and block_k < 128):  # a dot needs >= 16 words per tile
             return None
-        return block_m, block_n, block_k, warps, stages, use_dot
+        return block_m, block_n, block_k, warps, stages, use_dot, permute_a
     return None
 
 
@@ -200,58 +248,82 @@ def _as_words(B: torch.Tensor) -> Optional[torch.Tensor]:
     return flat.view(torch.int32)
 
 
-def _launch(A, words, N: int, K: int, absmax, nested_args, code, blocksize: int, config) -> torch.Tensor:
-    block_m, block_n, block_k, warps, stages, use_dot = config
-    rows = A.numel() // K
-    a2d = A.reshape(rows, K)
-    if a2d.stride(1) != 1:
-        a2d = a2d.contiguous()
-    if code.dtype != torch.float32 or not code.is_contiguous():
-        code = code.float().contiguous()
-    if not use_dot:
-        block_m = 1  # the CUDA-core kernel reads one row of A per program
-    n_programs = triton.cdiv(N, block_n)
-    m_programs = triton.cdiv(rows, block_m)
-    split_k = _split_k(n_programs * m_programs, K, block_k, A.device)
-    if split_k == 1:
-        out = torch.empty(rows, N, device=A.device, dtype=A.dtype)
-    else:
-        out = torch.zeros(rows, N, device=A.device, dtype=torch.float32)
-    if nested_args is None:
-        absmax_code, absmax_scale, offset, absmax_blocksize = absmax, absmax, absmax, 1
-    else:
-        absmax_code, absmax_scale, offset, absmax_blocksize = nested_args
-    _gemv_4bit_kernel[(n_programs, split_k, m_programs)](
-        a2d,
-        words,
-        absmax,
-        absmax_code,
-        absmax_scale,
-        offset,
-        code,
-        out,
-        rows,
-        N,
-        K,
-        K // 8,
-        K // blocksize,
-        a2d.stride(0),
-        out.stride(0),
-        BLOCKSIZE=blocksize,
-        NESTED=nested_args is not None,
-        ABSMAX_BLOCKSIZE=absmax_blocksize,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        SPLIT_K=split_k,
-        USE_DOT=use_dot,
-        NUM_STAGES=stages,
-        INTERPRET=interpreting(),
-        num_warps=warps,
-    )
-    if split_k != 1:
-        out = out.to(A.dtype)
-    return out.reshape(*A.shape[:-1], N)
+class GemvLaunch:
+    """One configured launch of ``_gemv_4bit_kernel``: every argument but A and the output fixed.
+
+    Built once per (weight, row count, compute dtype, device); ``launch(A)`` multiplies A
+    [..., K] (that many rows) with the weight and returns [..., N] in A's dtype. After the first
+    launch the compiled kernel is called directly, without Triton's argument binding and cache
+    lookup: with 25 arguments that costs as much host time as the kernel takes on a 4096x4096
+    weight. The compiled kernel is specialized on A's 16-byte alignment and row stride, so an A
+    that differs there goes through the full launch.
+    """
+
+    def __init__(self, rows: int, N: int, K: int, dtype: torch.dtype, device: torch.device, words, absmax,
+                 nested_args, code, blocksize: int, config) -> None:  # fmt: skip
+        block_m, block_n, block_k, warps, stages, use_dot, permute_a = config
+        if not use_dot and block_m not in (1, 2, 4):
+            raise ValueError(f"the CUDA-core gemv kernel takes 1, 2 or 4 rows per program, got BLOCK_M={block_m}")
+        if K % block_k or K % blocksize or block_k % 8:
+            raise ValueError(f"BLOCK_K={block_k} must be a multiple of 8 dividing K={K}, and blocksize={blocksize} K")
+        if code.dtype != torch.float32 or not code.is_contiguous():
+            code = code.float().contiguous()
+        if nested_args is None:
+            absmax_code, absmax_scale, offset, absmax_blocksize = absmax, absmax, absmax, 1
+        else:
+            absmax_code, absmax_scale, offset, absmax_blocksize = nested_args
+        n_programs = triton.cdiv(N, block_n)
+        m_programs = triton.cdiv(rows, block_m)
+        self.split_k = _split_k(n_programs * m_programs, K, block_k, device)
+        self.grid = (n_programs, self.split_k, m_programs)
+        self.rows, self.N, self.K, self.dtype, self.device = rows, N, K, dtype, device
+        self.weight_args = (words, absmax, absmax_code, absmax_scale, offset, code)
+        self.constexprs = dict(
+            BLOCKSIZE=blocksize,
+            NESTED=nested_args is not None,
+            ABSMAX_BLOCKSIZE=absmax_blocksize,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            SPLIT_K=self.split_k,
+            USE_DOT=use_dot,
+            PERMUTED_A=permute_a,
+            NUM_STAGES=stages,
+            INTERPRET=interpreting(),
+        )
+        self.constexpr_values = tuple(self.constexprs.values())  # in the kernel's parameter order
+        self.num_warps = warps
+        self._runner = None  # the compiled kernel's launcher, after the first launch
+        self._runner_spec = None  # (A 16-byte aligned, A's row stride) it was compiled for
+
+    def launch(self, A: torch.Tensor) -> torch.Tensor:
+        a2d = A.reshape(self.rows, self.K)
+        if self.constexprs["PERMUTED_A"]:
+            # [rows, K / 8, 8] -> [rows, 8, K / 8]: a word's code j meets a contiguous run of A.
+            # The CUDA-core kernel takes it in float32 (no conversion per code in the kernel).
+            dtype = self.dtype if self.constexprs["USE_DOT"] else torch.float32
+            permuted = torch.empty(self.rows, 8, self.K // 8, device=self.device, dtype=dtype)
+            permuted.copy_(a2d.reshape(self.rows, self.K // 8, 8).transpose(1, 2))
+            a2d = permuted.view(self.rows, self.K)
+        elif a2d.stride(1) != 1:
+            a2d = a2d.contiguous()
+        if self.split_k == 1:
+            out = torch.empty(self.rows, self.N, device=self.device, dtype=self.dtype)
+        else:
+            out = torch.zeros(self.rows, self.N, device=self.device, dtype=torch.float32)
+        args = (a2d, *self.weight_args, out, self.rows, self.N, self.K, self.K // 8,
+                self.K // self.constexprs["BLOCKSIZE"], a2d.stride(0), out.stride(0))  # fmt: skip
+        spec = (a2d.data_ptr() % 16 == 0, a2d.stride(0))
+        if self._runner is not None and spec == self._runner_spec:
+            self._runner(*args, *self.constexpr_values)
+        else:
+            compiled = _gemv_4bit_kernel[self.grid](*args, **self.constexprs, num_warps=self.num_warps)
+            if self._runner is None and not interpreting() and hasattr(type(compiled), "__getitem__"):
+                self._runner = compiled[self.grid]
+                self._runner_spec = spec
+        if self.split_k != 1:
+            out = out.to(self.dtype)
+        return out.reshape(*A.shape[:-1], self.N)
 
 
 def gemv_4bit(
@@ -274,7 +346,7 @@ def gemv_4bit(
         return torch.nn.functional.linear(A, weight)
     if absmax.dtype != torch.float32 or not absmax.is_contiguous():
         absmax = absmax.float().contiguous()
-    return _launch(A, words, N, K, absmax, None, code, blocksize, config)
+    return GemvLaunch(rows, N, K, A.dtype, A.device, words, absmax, None, code, blocksize, config).launch(A)
 
 
 def gemv_4bit_nested(
@@ -304,4 +376,62 @@ def gemv_4bit_nested(
         offset.float().reshape(1),
         absmax_blocksize,
     )
-    return _launch(A, words, N, K, absmax.contiguous(), nested, code, blocksize, config)
+    launch = GemvLaunch(rows, N, K, A.dtype, A.device, words, absmax.contiguous(), nested, code, blocksize, config)
+    return launch.launch(A)
+
+
+def _state_launch(A: torch.Tensor, B: torch.Tensor, state: QuantState) -> Optional[GemvLaunch]:
+    """A new GemvLaunch for A's rows and dtype on the weight (B, state); None where not fused."""
+    N, K = int(state.shape[0]), int(state.shape[1])
+    rows = A.numel() // K
+    nested = state.nested
+    if B.device != A.device or state.absmax.device != A.device:
+        return None  # functional.gemv_4bit names the misplaced tensor
+    if rows == 0 or N == 0 or K % state.blocksize or (nested and state.absmax.dtype != torch.uint8):
+        return None
+    config = _config(rows, K, A.dtype)
+    words = None if config is None else _as_words(B)
+    if words is None:
+        return None
+    code = state.code.to(device=A.device, dtype=torch.float32).contiguous()
+    if nested:
+        inner = state.state2
+        nested_args = (
+            inner.code.float().contiguous(),
+            inner.absmax.float().contiguous(),
+            state.offset.float().reshape(1),
+            inner.blocksize,
+        )
+        absmax = state.absmax.contiguous()
+    else:
+        nested_args = None
+        absmax = state.absmax.float().contiguous()
+    return GemvLaunch(rows, N, K, A.dtype, A.device, words, absmax, nested_args, code, state.blocksize, config)
+
+
+def _state_sources(B: torch.Tensor, state: QuantState) -> tuple[tuple[int, ...], list[torch.Tensor]]:
+    """What a launch kept on ``state`` was built from, as ints (B's address, the state tensors'
+    ids, every version counter), and the state tensors (kept with the launch so that their ids
+    stay theirs)."""
+    tensors = [state.absmax, state.code]
+    if state.nested:
+        tensors += [state.offset, state.state2.absmax, state.state2.code]
+    key = (B.data_ptr(), B._version, *(id(t) for t in tensors), *(t._version for t in tensors))
+    return key, tensors
+
+
+def state_gemv_launch(A: torch.Tensor, B: torch.Tensor, state: QuantState) -> Optional[GemvLaunch]:
+    """The fused launch for A's row count and dtype on the 4-bit weight (B, state), or None.
+
+    Made on first use and kept on ``state`` (``state._gemv_launches``, dropped when the state is
+    copied or pickled), so that eager decoding pays the launch preparation once per layer. A
+    launch is rebuilt when B's data, the state's tensors or their contents (``_version``) change.
+    """
+    launches = state.__dict__.setdefault("_gemv_launches", {})
+    key = (A.numel() // int(state.shape[1]), A.dtype, A.device)
+    sources, tensors = _state_sources(B, state)
+    entry = launches.get(key)
+    if entry is None or entry[0] != sources:
+        entry = (sources, _state_launch(A, B, state), tensors)
+        launches[key] = entry
+    return entry[1]

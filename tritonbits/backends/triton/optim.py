@@ -69,8 +69,11 @@ STATE_BLOCK = 256  # elements per absmax block of every 8-bit optimizer state
 # Tuning knobs (module globals so that a benchmark can sweep them).
 _BLOCK_32BIT = 4096  # elements per program, 32-bit states (16 per thread at 8 warps)
 _WARPS_32BIT = 8
-_BLOCKS_PER_PROGRAM = 4  # 256-element state blocks per program, 8-bit states
-_WARPS_8BIT = 4
+# 256-element state blocks per program and warps, 8-bit states: tests/gpu/tune_quant8.py's AdamW8bit
+# step (H100, 2026-11-24) took 9.9 ms at 1 block and 2 warps, 10.5-11.4 ms at 1-2 blocks and 4
+# warps, 12.7-13.4 ms at 4 blocks or 8 warps.
+_BLOCKS_PER_PROGRAM = 1
+_WARPS_8BIT = 2
 # multi_tensor_*: tensors at least this large get their own launch (aligned pointers known to
 # the compiler, so 16-byte accesses); smaller ones share one launch.
 _MULTI_MAX_NUMEL = 1 << 20

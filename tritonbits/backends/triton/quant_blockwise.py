@@ -54,8 +54,9 @@ from ..torch import quant_blockwise as reference
 from . import cast_rtne, interpreting, warn_once
 
 # Elements one program handles: enough to amortize the absmax reduction and keep 16-byte loads.
-# Tuning knobs (module globals so that a benchmark can sweep them); warps None: 8 from 8192
-# elements per program, else 4.
+# Tuning knobs (module globals so that a benchmark can sweep them); warps None: 8 from 4096
+# elements per program, else 4 (tests/gpu/tune_quant8.py, H100 2026-11-24: 4096-element tiles at
+# 8 warps 67-71% of copy bandwidth for float32 at blocksize 256 and 4096, 62-63% at 4 warps).
 _TILE = 4096
 _QUANT_WARPS = None
 # Largest (padded) block kept whole in one program's registers; larger blocks use the reference.
@@ -376,7 +377,7 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> t
         BLOCK_PAD=block_pad,
         BLOCKS_PER_PROGRAM=blocks_per_program,
         INTERPRET=interpreting(),
-        num_warps=_QUANT_WARPS or (8 if tile >= 8192 else 4),
+        num_warps=_QUANT_WARPS or (8 if tile >= 4096 else 4),
     )
     return codes, absmax
 

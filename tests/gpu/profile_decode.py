@@ -1,0 +1,56 @@
+"""Where the time of a compiled 4-bit decode step goes: GPU kernels of ``generate`` by total time.
+
+``benchmarks/e2e.py`` measured the Llama-3-8B-shaped 4-bit model decoding slower than the fused
+kernels of its linear layers predict. This builds the same model (random weights, 4-bit through
+``tritonbits.quantize_model``, or bf16 / bitsandbytes), warms up ``generate`` with the static
+cache (transformers compiles the forward with CUDA graphs), then profiles one call and prints the
+GPU kernels by total time, per generated token, and the wall time per token. Run from the
+repository root: ``python tests/gpu/profile_decode.py [--variant tritonbits|bf16|bitsandbytes]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.getcwd())
+from benchmarks import e2e  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", default="tritonbits", choices=("tritonbits", "bf16", "bitsandbytes"))
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--layers", type=int, default=None, help="default: all 32")
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    model = e2e.build_model(e2e.llama_config(e2e.LLAMA3_8B, args.layers), device, seed=0)
+    if args.variant == "tritonbits":
+        e2e.quantize_tritonbits(model)
+    elif args.variant == "bitsandbytes":
+        e2e.quantize_bitsandbytes(model)
+    input_ids = torch.randint(0, model.config.vocab_size, (args.batch, 16), device=device)
+    kwargs = e2e.generate_kwargs("static", args.new_tokens, None)
+    for _ in range(2):
+        seconds, _ = e2e.timed_generate(model, input_ids, kwargs)
+        print(f"warm-up generate: {seconds:.2f} s", flush=True)
+    seconds, _ = e2e.timed_generate(model, input_ids, kwargs)
+    print(f"{args.variant} batch {args.batch}: {1e3 * seconds / args.new_tokens:.2f} ms a token (wall, prefill included)")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        e2e.timed_generate(model, input_ids, kwargs)
+        wall = time.perf_counter() - start
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    gpu_total = sum(e.self_device_time_total for e in events)
+    print(f"profiled call: wall {1e3 * wall:.1f} ms, GPU kernels {gpu_total / 1e3:.1f} ms "
+          f"({gpu_total / 1e3 / args.new_tokens:.2f} ms a token)")  # fmt: skip
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70))
+
+
+if __name__ == "__main__":
+    main()
