@@ -32,6 +32,10 @@ GEMV_MAX_ROWS = 16
 
 def dequantize_weight(B: Tensor, quant_state: QuantState, dtype: torch.dtype) -> Tensor:
     """Packed codes B -> W of ``quant_state.shape`` in ``dtype`` (one rounding, float32 -> dtype)."""
+    module = _triton_module("dequantize_4bit", B, quant_state)
+    launch = None if module is None else module.state_dequant_launch(B, quant_state, dtype)
+    if launch is not None:
+        return launch.launch()
     in_dtype = QuantState(
         absmax=quant_state.absmax,
         shape=quant_state.shape,
@@ -80,20 +84,29 @@ class MatMul4Bit(torch.autograd.Function):
         return grad_A, None, None, grad_bias, None
 
 
-def _prepared_gemv(A: Tensor, B: Tensor, quant_state: QuantState):
-    """The fused gemv launch kept on ``quant_state`` for eager GPU calls (None: use the op).
+def _triton_module(op: str, tensor: Tensor, quant_state: QuantState):
+    """The Triton kernel module of ``op`` where an eager call on ``tensor`` may use a launch kept
+    on ``quant_state`` (backends/triton/kept_launch.py), else None (then the op is called).
 
-    Going through ``functional.gemv_4bit`` and the kernel launcher costs tens of microseconds of
-    host time per call, more than the kernel itself on a 4096x4096 weight; the prepared launch
-    does that work once per layer, row count and dtype."""
+    Going through the functional API, the op and the kernel launcher costs 50-200 us of host
+    time per call, more than a decode kernel takes and enough to leave the GPU idle in QLoRA
+    training; a kept launch does that work once per layer. Not while tracing, under dispatch
+    modes (fake tensors) or for tensor subclasses, which must see the op."""
     if (
-        type(A) is not Tensor
+        not isinstance(tensor, Tensor)
+        or not isinstance(quant_state, QuantState)
         or torch.compiler.is_compiling()
         or is_in_torch_dispatch_mode()
-        or not isinstance(quant_state, QuantState)
     ):
         return None
-    module = registry.triton_module("gemv_4bit", A.device)
+    return registry.triton_module(op, tensor.device)
+
+
+def _prepared_gemv(A: Tensor, B: Tensor, quant_state: QuantState):
+    """The fused gemv launch kept on ``quant_state`` for A's rows and dtype, or None."""
+    if type(A) is not Tensor:
+        return None
+    module = _triton_module("gemv_4bit", A, quant_state)
     return None if module is None else module.state_gemv_launch(A, B, quant_state)
 
 

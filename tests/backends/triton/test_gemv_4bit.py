@@ -170,9 +170,9 @@ def test_kept_launches_are_not_copied_or_pickled(device, rng):
     packed, state = F.quantize_4bit(torch.randn(16, 256, generator=rng).to(device))
     a = torch.randn(1, 256, generator=rng).to(device)
     state_gemv_launch(a, packed, state).launch(a)
-    assert "_gemv_launches" in state.__dict__
+    assert "_kept_launches" in state.__dict__
     for clone in (copy.deepcopy(state), copy.copy(state), pickle.loads(pickle.dumps(state))):
-        assert "_gemv_launches" not in clone.__dict__
+        assert "_kept_launches" not in clone.__dict__
         assert clone == state
 
 

@@ -10,6 +10,7 @@ import textwrap
 import pytest
 import torch
 
+import tritonbits.functional as F
 from tritonbits._ops import BLOCKSIZES_4BIT, QUANT_STORAGE_DTYPES
 from tritonbits.backends.torch.quant_4bit import _thresholds
 
@@ -142,3 +143,26 @@ def test_backend_selects_triton_kernels_on_cpu_tensors(tmp_path):
     got, expected = torch.load(tmp_path / "triton.pt"), torch.load(tmp_path / "torch.pt")
     for key, value in expected.items():
         assert torch.equal(got[key], value), key  # exact: same bits through either backend
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["flat", "nested"])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("blocksize", [64, 256])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_kept_dequantize_launch_is_bit_identical_to_the_functional_api(device, rng, nested, quant_type, blocksize,
+                                                                       dtype):  # fmt: skip
+    """The launch kept on the state (the nested absmax decoded inside the kernel) gives exactly
+    what functional.dequantize_4bit gives, and follows in-place changes of the state."""
+    from tritonbits.backends.triton.quant_4bit import state_dequant_launch
+
+    w = torch.randn(40, 1024, generator=rng).to(device) * 3
+    packed, state = F.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, compress_statistics=nested)
+    launch = state_dequant_launch(packed, state, dtype)
+    assert launch is not None and state_dequant_launch(packed, state, dtype) is launch
+    expected = F.dequantize_4bit(packed, state).to(dtype)
+    assert torch.equal(launch.launch(), expected)
+    with torch.no_grad():
+        (state.state2.absmax if nested else state.absmax).mul_(0.5)
+    relaunch = state_dequant_launch(packed, state, dtype)
+    assert relaunch is not launch
+    assert torch.equal(relaunch.launch(), F.dequantize_4bit(packed, state).to(dtype))

@@ -37,6 +37,7 @@ import triton.language as tl
 from ..._ops import REFERENCES
 from ...quant_state import QuantState
 from . import cast_rtne, interpreting
+from .kept_launch import KeptLaunch, kept_launch
 from .quant_4bit import decode_4bit
 
 # Launch configurations by row count: the first entry whose row limit covers the rows is used.
@@ -248,15 +249,15 @@ def _as_words(B: torch.Tensor) -> Optional[torch.Tensor]:
     return flat.view(torch.int32)
 
 
-class GemvLaunch:
+class GemvLaunch(KeptLaunch):
     """One configured launch of ``_gemv_4bit_kernel``: every argument but A and the output fixed.
 
     Built once per (weight, row count, compute dtype, device); ``launch(A)`` multiplies A
     [..., K] (that many rows) with the weight and returns [..., N] in A's dtype. After the first
     launch the compiled kernel is called directly, without Triton's argument binding and cache
     lookup: with 25 arguments that costs as much host time as the kernel takes on a 4096x4096
-    weight. The compiled kernel is specialized on A's 16-byte alignment and row stride, so an A
-    that differs there goes through the full launch.
+    weight (:class:`~.kept_launch.KeptLaunch`). The compiled kernel is specialized on A's 16-byte
+    alignment and row stride, so an A that differs there goes through the full launch.
     """
 
     def __init__(self, rows: int, N: int, K: int, dtype: torch.dtype, device: torch.device, words, absmax,
@@ -275,10 +276,9 @@ class GemvLaunch:
         n_programs = triton.cdiv(N, block_n)
         m_programs = triton.cdiv(rows, block_m)
         self.split_k = _split_k(n_programs * m_programs, K, block_k, device)
-        self.grid = (n_programs, self.split_k, m_programs)
         self.rows, self.N, self.K, self.dtype, self.device = rows, N, K, dtype, device
         self.weight_args = (words, absmax, absmax_code, absmax_scale, offset, code)
-        self.constexprs = dict(
+        constexprs = dict(
             BLOCKSIZE=blocksize,
             NESTED=nested_args is not None,
             ABSMAX_BLOCKSIZE=absmax_blocksize,
@@ -291,10 +291,7 @@ class GemvLaunch:
             NUM_STAGES=stages,
             INTERPRET=interpreting(),
         )
-        self.constexpr_values = tuple(self.constexprs.values())  # in the kernel's parameter order
-        self.num_warps = warps
-        self._runner = None  # the compiled kernel's launcher, after the first launch
-        self._runner_spec = None  # (A 16-byte aligned, A's row stride) it was compiled for
+        super().__init__(_gemv_4bit_kernel, (n_programs, self.split_k, m_programs), constexprs, warps)
 
     def launch(self, A: torch.Tensor) -> torch.Tensor:
         a2d = A.reshape(self.rows, self.K)
@@ -313,14 +310,7 @@ class GemvLaunch:
             out = torch.zeros(self.rows, self.N, device=self.device, dtype=torch.float32)
         args = (a2d, *self.weight_args, out, self.rows, self.N, self.K, self.K // 8,
                 self.K // self.constexprs["BLOCKSIZE"], a2d.stride(0), out.stride(0))  # fmt: skip
-        spec = (a2d.data_ptr() % 16 == 0, a2d.stride(0))
-        if self._runner is not None and spec == self._runner_spec:
-            self._runner(*args, *self.constexpr_values)
-        else:
-            compiled = _gemv_4bit_kernel[self.grid](*args, **self.constexprs, num_warps=self.num_warps)
-            if self._runner is None and not interpreting() and hasattr(type(compiled), "__getitem__"):
-                self._runner = compiled[self.grid]
-                self._runner_spec = spec
+        self._run(args, spec=(a2d.data_ptr() % 16 == 0, a2d.stride(0)))
         if self.split_k != 1:
             out = out.to(self.dtype)
         return out.reshape(*A.shape[:-1], self.N)
@@ -409,29 +399,8 @@ def _state_launch(A: torch.Tensor, B: torch.Tensor, state: QuantState) -> Option
     return GemvLaunch(rows, N, K, A.dtype, A.device, words, absmax, nested_args, code, state.blocksize, config)
 
 
-def _state_sources(B: torch.Tensor, state: QuantState) -> tuple[tuple[int, ...], list[torch.Tensor]]:
-    """What a launch kept on ``state`` was built from, as ints (B's address, the state tensors'
-    ids, every version counter), and the state tensors (kept with the launch so that their ids
-    stay theirs)."""
-    tensors = [state.absmax, state.code]
-    if state.nested:
-        tensors += [state.offset, state.state2.absmax, state.state2.code]
-    key = (B.data_ptr(), B._version, *(id(t) for t in tensors), *(t._version for t in tensors))
-    return key, tensors
-
-
 def state_gemv_launch(A: torch.Tensor, B: torch.Tensor, state: QuantState) -> Optional[GemvLaunch]:
-    """The fused launch for A's row count and dtype on the 4-bit weight (B, state), or None.
-
-    Made on first use and kept on ``state`` (``state._gemv_launches``, dropped when the state is
-    copied or pickled), so that eager decoding pays the launch preparation once per layer. A
-    launch is rebuilt when B's data, the state's tensors or their contents (``_version``) change.
-    """
-    launches = state.__dict__.setdefault("_gemv_launches", {})
-    key = (A.numel() // int(state.shape[1]), A.dtype, A.device)
-    sources, tensors = _state_sources(B, state)
-    entry = launches.get(key)
-    if entry is None or entry[0] != sources:
-        entry = (sources, _state_launch(A, B, state), tensors)
-        launches[key] = entry
-    return entry[1]
+    """The fused launch for A's row count and dtype on the 4-bit weight (B, state), or None where
+    the kernel does not take it; made on first use and kept on ``state`` (see ``kept_launch``)."""
+    key = ("gemv_4bit", A.numel() // int(state.shape[1]), A.dtype, A.device)
+    return kept_launch(state, key, B, lambda: _state_launch(A, B, state))

@@ -13,15 +13,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import lru_cache
+from math import prod
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from ..._ops import num_blocks
 from ...codebooks import get_4bit_type
 from ..torch.quant_4bit import _thresholds
+from ...quant_state import QuantState
 from . import cast_rtne, interpreting
+from .kept_launch import KeptLaunch, kept_launch
 
 # Elements one quantize program handles (several blocks when blocks are small), and its warps.
 _TILE = 2048
@@ -86,12 +91,17 @@ def _dequantize_4bit_kernel(
     packed_ptr,
     table_ptr,
     absmax_ptr,
+    absmax_code_ptr,
+    absmax_scale_ptr,
+    offset_ptr,
     out_ptr,
     n,
     n_bytes,
     n_blocks,
     BLOCKSIZE: tl.constexpr,
     BLOCKS_PER_PROGRAM: tl.constexpr,
+    NESTED: tl.constexpr,
+    ABSMAX_BLOCKSIZE: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     # A [BLOCKS_PER_PROGRAM, BLOCKSIZE] tile of the output: one absmax load per row.
@@ -101,7 +111,19 @@ def _dequantize_4bit_kernel(
     # The 16-entry table is 64 bytes: one cache line, so these gathers stay cheap.
     high = tl.load(table_ptr + (packed >> 4))
     low = tl.load(table_ptr + (packed & 0xF))
-    scale = tl.load(absmax_ptr + blocks, mask=blocks < n_blocks, other=0.0)
+    if NESTED:
+        # 8-bit absmax codes decoded as the reference does, ``code[q] * scale[block // 256]``
+        # then ``+ offset``, each rounded once: mul_rn/add_rn keep the compiler from fusing them
+        # into one FMA (the interpreter computes in numpy float32, separately rounded anyway).
+        q = tl.load(absmax_ptr + blocks, mask=blocks < n_blocks, other=0).to(tl.int32)
+        outer = tl.load(absmax_scale_ptr + blocks // ABSMAX_BLOCKSIZE, mask=blocks < n_blocks, other=0.0)
+        inner = tl.load(absmax_code_ptr + q)
+        if INTERPRET:
+            scale = inner * outer + tl.load(offset_ptr)
+        else:
+            scale = libdevice.add_rn(libdevice.mul_rn(inner, outer), tl.load(offset_ptr))
+    else:
+        scale = tl.load(absmax_ptr + blocks, mask=blocks < n_blocks, other=0.0)
     # element order within a row: high, low, high, low, ...
     values = tl.reshape(tl.join(high, low), [BLOCKS_PER_PROGRAM, BLOCKSIZE]) * scale[:, None]
     offsets = blocks[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
@@ -172,29 +194,66 @@ def dequantize_4bit(
     return decode_4bit(A, absmax, _device_table(quant_type, A.device), blocksize, shape, dtype)
 
 
+class DequantLaunch(KeptLaunch):
+    """The dequantize kernel's launch for one packed weight: ``launch()`` returns a new tensor of
+    ``shape`` in ``dtype``. With ``nested`` = (absmax_code, absmax_scale, offset, absmax_blocksize)
+    the kernel decodes 8-bit absmax codes itself, bit-identically to dequantize_blockwise + offset.
+    """
+
+    def __init__(self, A: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor, blocksize: int,
+                 shape: Sequence[int], dtype: torch.dtype, nested=None) -> None:  # fmt: skip
+        self.shape, self.dtype, self.device = tuple(shape), dtype, A.device
+        self.n = prod(self.shape)
+        packed = A.contiguous().reshape(-1).view(torch.uint8)
+        n_blocks = num_blocks(self.n, blocksize)
+        if nested is None:
+            absmax = absmax.to(torch.float32).contiguous()
+            absmax_code, absmax_scale, offset, absmax_blocksize = absmax, absmax, absmax, 1
+        else:
+            absmax = absmax.contiguous()
+            absmax_code, absmax_scale, offset, absmax_blocksize = nested
+        self.fixed = (packed, table, absmax, absmax_code, absmax_scale, offset)
+        self.sizes = (self.n, min(packed.numel(), (self.n + 1) // 2), n_blocks)
+        blocks_per_program = min(max(1, _DEQUANT_ELEMENTS // blocksize), triton.next_power_of_2(max(n_blocks, 1)))
+        constexprs = dict(
+            BLOCKSIZE=blocksize,
+            BLOCKS_PER_PROGRAM=blocks_per_program,
+            NESTED=nested is not None,
+            ABSMAX_BLOCKSIZE=absmax_blocksize,
+            INTERPRET=interpreting(),
+        )
+        super().__init__(_dequantize_4bit_kernel, (triton.cdiv(n_blocks, blocks_per_program),), constexprs,
+                         _DEQUANT_WARPS)  # fmt: skip
+
+    def launch(self) -> torch.Tensor:
+        out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        if self.n:
+            self._run((*self.fixed, out, *self.sizes))
+        return out
+
+
 def decode_4bit(
     A: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor, blocksize: int, shape: Sequence[int], dtype: torch.dtype
 ) -> torch.Tensor:
     """:func:`dequantize_4bit` through any 16-entry float32 ``table`` on A's device."""
-    out = torch.empty(tuple(shape), dtype=dtype, device=A.device)
-    n = out.numel()
-    if n == 0:
-        return out
-    packed = A.contiguous().reshape(-1).view(torch.uint8)
-    n_bytes = min(packed.numel(), (n + 1) // 2)
-    n_blocks = num_blocks(n, blocksize)
-    blocks_per_program = min(max(1, _DEQUANT_ELEMENTS // blocksize), triton.next_power_of_2(n_blocks))
-    _dequantize_4bit_kernel[(triton.cdiv(n_blocks, blocks_per_program),)](
-        packed,
-        table,
-        absmax.to(torch.float32).contiguous(),
-        out,
-        n,
-        n_bytes,
-        n_blocks,
-        BLOCKSIZE=blocksize,
-        BLOCKS_PER_PROGRAM=blocks_per_program,
-        INTERPRET=interpreting(),
-        num_warps=_DEQUANT_WARPS,
-    )
-    return out
+    return DequantLaunch(A, absmax, table, blocksize, shape, dtype).launch()
+
+
+def state_dequant_launch(B: torch.Tensor, state: QuantState, dtype: torch.dtype) -> Optional[DequantLaunch]:
+    """The dequantize launch of the 4-bit weight (B, state) into ``dtype``, kept on ``state``
+    (see ``kept_launch``); None where the state is not one the kernel takes."""
+
+    def build() -> Optional[DequantLaunch]:
+        if state.shape is None or state.quant_type not in ("nf4", "fp4") or B.device != state.absmax.device:
+            return None
+        table = _device_table(state.quant_type, B.device)  # as the op: the quant type's table
+        nested = None
+        if state.nested:
+            if state.absmax.dtype != torch.uint8:
+                return None
+            inner = state.state2
+            nested = (inner.code.float().contiguous(), inner.absmax.float().contiguous(),
+                      state.offset.float().reshape(1), inner.blocksize)  # fmt: skip
+        return DequantLaunch(B, state.absmax, table, state.blocksize, state.shape, dtype, nested)
+
+    return kept_launch(state, ("dequantize_4bit", dtype, B.device), B, build)
