@@ -82,7 +82,9 @@ def main() -> int:
             }
             if bitsandbytes is not None:
                 theirs = bitsandbytes.nn.Linear4bit(K, N, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
-                theirs.weight = bitsandbytes.nn.Params4bit(dense.weight.data.cpu(), requires_grad=False, quant_type="nf4")
+                theirs.weight = bitsandbytes.nn.Params4bit(
+                    dense.weight.data.cpu(), requires_grad=False, quant_type="nf4"
+                )
                 theirs = theirs.to(dev)
                 calls["bitsandbytes layer"] = lambda: theirs(x)
             for name, fn in calls.items():

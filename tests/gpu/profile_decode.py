@@ -40,8 +40,10 @@ def main() -> None:
         seconds, _ = e2e.timed_generate(model, input_ids, kwargs)
         print(f"warm-up generate: {seconds:.2f} s", flush=True)
     seconds, _ = e2e.timed_generate(model, input_ids, kwargs)
-    print(f"{args.variant} batch {args.batch}: {1e3 * seconds / args.new_tokens:.2f} ms a token (wall, prefill included)")
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]) as prof:
+    per_token = 1e3 * seconds / args.new_tokens
+    print(f"{args.variant} batch {args.batch}: {per_token:.2f} ms a token (wall, prefill included)")
+    activities = [torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities) as prof:
         start = time.perf_counter()
         e2e.timed_generate(model, input_ids, kwargs)
         wall = time.perf_counter() - start

@@ -50,7 +50,8 @@ def profile(variant: str, layers: int, batch: int, seq: int) -> None:
         step()
     torch.cuda.synchronize()
     print(f"{variant}: {1e3 * (time.perf_counter() - start) / 5:.1f} ms a step ({layers} layers, {batch}x{seq})")
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
         step()
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60))

@@ -2,7 +2,7 @@
 
 Run on a CUDA machine from the repository root (about 1 minute, 14 GB of GPU memory):
 
-    python tests/gpu/tune_quant8.py
+    python tests/gpu/tune_quant8.py [--optim-only]   # --optim-only: the optimizer check and timing alone
 
 1. Copy bandwidth: a device-to-device copy of 1 GiB (read + write bytes / time).
 2. Bit-identity: for every variant timed below, 2**22 + 123 elements (a partial last block) of
@@ -233,7 +233,8 @@ def main() -> int:
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}", flush=True)
     copy_bw = copy_bandwidth()
     print(f"copy bandwidth (1 GiB device-to-device): {copy_bw / 1e9:.0f} GB/s", flush=True)
-    time_quantize(copy_bw)
+    if "--optim-only" not in sys.argv:
+        time_quantize(copy_bw)
     check_adam()
     time_adamw8bit()
     print("FAILURES:\n  " + "\n  ".join(FAILURES) if FAILURES else "all checks identical", flush=True)

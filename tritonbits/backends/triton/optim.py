@@ -70,8 +70,8 @@ STATE_BLOCK = 256  # elements per absmax block of every 8-bit optimizer state
 _BLOCK_32BIT = 4096  # elements per program, 32-bit states (16 per thread at 8 warps)
 _WARPS_32BIT = 8
 # 256-element state blocks per program and warps, 8-bit states: tests/gpu/tune_quant8.py's AdamW8bit
-# step (H100, 2026-11-24) took 9.9 ms at 1 block and 2 warps, 10.5-11.4 ms at 1-2 blocks and 4
-# warps, 12.7-13.4 ms at 4 blocks or 8 warps.
+# step (H100, 2026-11-24) took 8.3-8.6 ms at 1 block and 2 warps, 9.5-10.5 ms at 2-4 blocks or 4
+# warps, 11.6 ms at 8 warps.
 _BLOCKS_PER_PROGRAM = 1
 _WARPS_8BIT = 2
 # multi_tensor_*: tensors at least this large get their own launch (aligned pointers known to
@@ -119,11 +119,14 @@ def _sign(x):
 
 
 @triton.jit
-def _dequantize(codes_ptr, absmax_ptr, qmap_ptr, offsets, mask, blocks, n_blocks):
-    """float32 ``qmap[code] * absmax[block]`` for a [blocks, 256] tile."""
-    code = tl.load(codes_ptr + offsets, mask=mask, other=0)
+def _dequantize(codes_ptr, absmax_ptr, qmap, offsets, mask, blocks, n_blocks):
+    """float32 ``qmap[code] * absmax[block]`` for a [blocks, 256] tile; ``qmap`` the 256 code
+    values in registers: the lookup is a gather that Triton serves from shared memory (a gather
+    from global memory costs an L1 access per element)."""
+    code = tl.load(codes_ptr + offsets, mask=mask, other=0).to(tl.int32)
     absmax = tl.load(absmax_ptr + blocks, mask=blocks < n_blocks, other=0.0)
-    return tl.load(qmap_ptr + code.to(tl.int32)) * absmax[:, None]
+    values = tl.reshape(tl.gather(qmap, tl.reshape(code, [code.numel]), 0), code.shape)
+    return values * absmax[:, None]
 
 
 @triton.jit
@@ -261,17 +264,19 @@ def _update_8bit_kernel(
     grad = raw * gnorm_scale
     param = tl.load(p_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
 
+    qmap1 = tl.load(qmap1_ptr + tl.arange(0, 256))  # the state code values, gathered from registers
     if RULE == _ADAM_ID or RULE == _ADEMAMIX_ID:
         # Non-finite gradients reset the states to 0 and leave p as it was.
         finite = tl.abs(grad) <= 3.4028234663852886e38  # float32 max: False for inf and NaN
-        v = _dequantize(codes2_ptr, absmax2_ptr, qmap2_ptr, offsets, mask, blocks, n_blocks)
+        qmap2 = tl.load(qmap2_ptr + tl.arange(0, 256))
+        v = _dequantize(codes2_ptr, absmax2_ptr, qmap2, offsets, mask, blocks, n_blocks)
         v = tl.where(finite, v * beta2 + one_minus_beta2 * grad * grad, 0.0)
-        m = _dequantize(codes1_ptr, absmax1_ptr, qmap1_ptr, offsets, mask, blocks, n_blocks)
+        m = _dequantize(codes1_ptr, absmax1_ptr, qmap1, offsets, mask, blocks, n_blocks)
         m = tl.where(finite, m * beta1 + one_minus_beta1 * grad, 0.0)
         if RULE == _ADAM_ID:
             new_p = param + step_size * tl.math.div_rn(m, tl.sqrt_rn(v) + eps_c2)
         else:
-            m2 = _dequantize(codes1_ptr + n, absmax1_ptr + n_blocks, qmap1_ptr, offsets, mask, blocks, n_blocks)
+            m2 = _dequantize(codes1_ptr + n, absmax1_ptr + n_blocks, qmap1, offsets, mask, blocks, n_blocks)
             m2 = tl.where(finite, m2 * beta3 + one_minus_beta3 * grad, 0.0)
             numerator = tl.math.div_rn(m, c1) + alpha * m2
             new_p = param - lr * tl.math.div_rn(numerator, tl.math.div_rn(tl.sqrt_rn(v), c2) + eps)
@@ -282,7 +287,7 @@ def _update_8bit_kernel(
         _requantize(m, codes1_ptr, absmax1_ptr, tables1_ptr, offsets, mask, blocks, n_blocks, SIGNED=True)
         _requantize(v, codes2_ptr, absmax2_ptr, tables2_ptr, offsets, mask, blocks, n_blocks, SIGNED=False)
     else:
-        s1 = _dequantize(codes1_ptr, absmax1_ptr, qmap1_ptr, offsets, mask, blocks, n_blocks)
+        s1 = _dequantize(codes1_ptr, absmax1_ptr, qmap1, offsets, mask, blocks, n_blocks)
         if RULE != _LION_ID:  # coupled weight decay
             grad = tl.where(has_weight_decay, grad + param * weight_decay, grad)
         if RULE == _MOMENTUM_ID:
