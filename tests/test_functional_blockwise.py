@@ -115,3 +115,35 @@ class TestErrors:
         q, state = F.quantize_blockwise(torch.randn(64))
         with pytest.raises(ValueError, match="out must have shape"):
             F.dequantize_blockwise(q, state, out=torch.empty(63))
+
+
+def test_op_sees_the_same_code_tensor_on_every_call_and_the_state_keeps_a_copy(monkeypatch):
+    """Kernels keep their search tables per code tensor: each call with the default code (or with
+    one caller's code) must hand the op that same tensor, never a fresh copy; the QuantState must
+    still own its code, so that changing it leaves later calls alone."""
+    import tritonbits.functional as functional
+
+    seen = []
+    real_call = functional._call
+
+    def recording_call(name, *args, **kwargs):
+        if name == "quantize_blockwise":
+            seen.append(args[1])
+        return real_call(name, *args, **kwargs)
+
+    monkeypatch.setattr(functional, "_call", recording_call)
+    A = torch.randn(1000)
+    _, s1 = functional.quantize_blockwise(A, blocksize=256)
+    _, s2 = functional.quantize_blockwise(A, blocksize=256)
+    assert seen[0] is seen[1]
+    assert s1.code is not seen[0] and s2.code is not s1.code and torch.equal(s1.code, seen[0])
+    s1.code.zero_()  # the caller owns the state's copy
+    codes3, s3 = functional.quantize_blockwise(A, blocksize=256)
+    assert torch.equal(s3.code, s2.code) and torch.equal(codes3, functional.quantize_blockwise(A, blocksize=256)[0])
+
+    mine = functional.create_dynamic_map(signed=False).float()
+    seen.clear()
+    functional.quantize_blockwise(A.abs(), code=mine, blocksize=256)
+    _, state = functional.quantize_blockwise(A.abs(), code=mine, blocksize=256)
+    assert seen[0] is mine and seen[1] is mine
+    assert state.code is not mine and torch.equal(state.code, mine)

@@ -198,15 +198,19 @@ def quantize_blockwise(
     """
     _require_float(A, "A")
     blocksize = _require_blocksize(blocksize)
+    # The op gets the same code tensor on every call with the same code (the library's cached
+    # dynamic map, or the caller's tensor), so that kernels keeping tables per code tensor (the
+    # Triton search tables) find them again; the state gets its own copy.
     if code is None:
-        code = dynamic_map(A.device)
+        code = cached_table("dynamic", A.device)
     else:
         _require_tensor(code, "code")
         if code.numel() != 256:
             raise ValueError(f"code must have 256 entries, got {code.numel()}")
-        code = code.to(A.device, torch.float32, copy=True)
+        code = code.to(A.device, torch.float32)
     _require_out(out, A.shape, torch.uint8, A.device)
     codes, scales = _call("quantize_blockwise", A, code, blocksize)
+    code = code.clone()
 
     if nested:
         offset = scales.mean() if scales.numel() else scales.new_zeros(())
