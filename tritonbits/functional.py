@@ -394,24 +394,45 @@ def dequantize_4bit(
         raise ValueError("quant_state.shape is None: a 4-bit state must record the original shape")
     n = prod(quant_state.shape)
     _check_packed_size(A, n, "A")
-    scales = _decoded_absmax(quant_state)
-    _require_same_device({"A": A, "quant_state.absmax": scales})
+    _require_same_device({"A": A, "quant_state.absmax": quant_state.absmax})
     expected = _ops.num_blocks(n, quant_state.blocksize)
-    if scales.numel() != expected:
+    if quant_state.absmax.numel() != expected:  # nested: one 8-bit code per block
         raise ValueError(
-            f"absmax has {scales.numel()} entries but shape {tuple(quant_state.shape)} with blocksize "
+            f"absmax has {quant_state.absmax.numel()} entries but shape {tuple(quant_state.shape)} with blocksize "
             f"{quant_state.blocksize} needs {expected}"
         )
-    result = _call(
-        "dequantize_4bit",
-        A, scales.float(), quant_state.blocksize, quant_state.quant_type, list(quant_state.shape), quant_state.dtype
-    )
+    launch = _kept_dequantize_launch(A, quant_state)
+    if launch is not None:
+        result = launch.launch()
+    else:
+        result = _call(
+            "dequantize_4bit",
+            A, _decoded_absmax(quant_state).float(), quant_state.blocksize, quant_state.quant_type,
+            list(quant_state.shape), quant_state.dtype,
+        )  # fmt: skip
     if out is not None:
         _require_out(out, result.shape, result.dtype, A.device)
         result = out.copy_(result)
     if A.dim() == 2 and A.shape[0] == 1 and result.dim() <= 2:
         return result.t()  # bitsandbytes' rule for packed weights passed as [1, n/2]
     return result
+
+
+def _kept_dequantize_launch(A: Tensor, quant_state: QuantState):
+    """The Triton dequantize launch kept on ``quant_state`` (backends/triton/kept_launch.py) for
+    eager calls on plain tensors where Triton serves the op, else None (then the op is called).
+
+    Preparing the launch (and, for nested states, decoding the absmax with two more launches)
+    costs more host time than the kernel takes on a 8192x8192 weight."""
+    if (
+        type(A).__torch_dispatch__ is not Tensor.__torch_dispatch__  # DTensor, fake tensors: the op
+        or A.requires_grad
+        or torch.compiler.is_compiling()
+        or is_in_torch_dispatch_mode()
+    ):
+        return None
+    module = _registry.triton_module("dequantize_4bit", A.device)
+    return None if module is None else module.state_dequant_launch(A, quant_state, quant_state.dtype)
 
 
 def _check_packed_size(A: Tensor, n: int, name: str) -> None:

@@ -166,3 +166,22 @@ def test_kept_dequantize_launch_is_bit_identical_to_the_functional_api(device, r
     relaunch = state_dequant_launch(packed, state, dtype)
     assert relaunch is not launch
     assert torch.equal(relaunch.launch(), F.dequantize_4bit(packed, state).to(dtype))
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["flat", "nested"])
+def test_functional_dequantize_uses_the_kept_launch_where_triton_serves(device, rng, monkeypatch, nested):
+    """functional.dequantize_4bit takes the launch kept on the state when Triton serves the op
+    (made to hold here on any device), giving what the op gives; transposed and out= as before."""
+    from tritonbits.backends import registry
+    from tritonbits.backends.triton import quant_4bit
+
+    w = torch.randn(24, 512, generator=rng).to(device=device, dtype=torch.bfloat16)
+    packed, state = F.quantize_4bit(w, compress_statistics=nested)
+    expected = F.dequantize_4bit(packed, state)  # before the patch: the op
+    monkeypatch.setattr(registry, "triton_module", lambda op, dev: quant_4bit)
+    got = F.dequantize_4bit(packed, state)
+    assert "_kept_launches" in state.__dict__
+    assert torch.equal(got, expected)
+    out = torch.empty_like(expected)
+    assert F.dequantize_4bit(packed, state, out=out) is out and torch.equal(out, expected)
+    assert torch.equal(F.dequantize_4bit(packed.view(1, -1), state), expected.t())
