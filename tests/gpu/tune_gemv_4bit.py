@@ -116,7 +116,6 @@ def main() -> None:
 
     import tritonbits.functional as F
     from tritonbits._ops import REFERENCES
-    from tritonbits.backends.triton import gemv_4bit as kernels
 
     copy_bw = copy_bandwidth()
     print(f"copy bandwidth {copy_bw / 1e9:.0f} GB/s", flush=True)
