@@ -424,14 +424,7 @@ def _kept_dequantize_launch(A: Tensor, quant_state: QuantState):
 
     Preparing the launch (and, for nested states, decoding the absmax with two more launches)
     costs more host time than the kernel takes on a 8192x8192 weight."""
-    if (
-        type(A).__torch_dispatch__ is not Tensor.__torch_dispatch__  # DTensor, fake tensors: the op
-        or A.requires_grad
-        or torch.compiler.is_compiling()
-        or is_in_torch_dispatch_mode()
-    ):
-        return None
-    module = _registry.triton_module("dequantize_4bit", A.device)
+    module = None if A.requires_grad else _registry.triton_module("dequantize_4bit", A)
     return None if module is None else module.state_dequant_launch(A, quant_state, quant_state.dtype)
 
 
@@ -474,7 +467,7 @@ def gemv_4bit(
     if A.shape[-1] != state.shape[1]:
         raise ValueError(f"A's last dimension ({A.shape[-1]}) must equal the weight's K ({state.shape[1]})")
     _require_same_device({"A": A, "B": B, "state.absmax": state.absmax})
-    code = state.code if state.code.device == A.device else state.code.to(A.device)
+    code = state.code.to(A.device)
     if state.nested and state.absmax.dtype == torch.uint8:
         # The kernel decodes the 8-bit absmax itself: no float32 absmax is written per call.
         inner = state.state2

@@ -25,22 +25,9 @@ import time
 
 import torch
 
-from timing import graph_us  # tests/gpu/timing.py (the script's folder is on sys.path)
+from timing import eager_us, graph_us  # tests/gpu/timing.py (the script's folder is on sys.path)
 
 SHAPES = ((4096, 4096), (8192, 28672))  # K, N
-CALLS = 2000
-
-
-def per_call_us(fn, calls: int = CALLS) -> float:
-    """Wall time per call of back-to-back calls, GPU synchronized at both ends (microseconds)."""
-    for _ in range(50):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / calls * 1e6
 
 
 def main() -> int:
@@ -88,7 +75,7 @@ def main() -> int:
                 theirs = theirs.to(dev)
                 calls["bitsandbytes layer"] = lambda: theirs(x)
             for name, fn in calls.items():
-                row = {"K": K, "N": N, "call": name, "eager_us": per_call_us(fn), "graph_us": graph_us(fn)}
+                row = {"K": K, "N": N, "call": name, "eager_us": eager_us(fn), "graph_us": graph_us(fn)}
                 rows.append(row)
                 print(f"{K:>6}x{N:<6} {name:<20} eager {row['eager_us']:8.1f} us   kernel(s) {row['graph_us']:8.1f} us")
             print(f"{K}x{N}: prepared launch identical to the op: {same}")

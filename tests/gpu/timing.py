@@ -1,6 +1,9 @@
-"""Kernel time of a callable with the host taken out, shared by the GPU scripts in this folder."""
+"""Timing helpers shared by the GPU scripts in this folder: kernel time with the host taken out
+(CUDA graphs) and eager wall time per call."""
 
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -29,3 +32,16 @@ def graph_us(fn, calls: int = 10, reps: int = 5) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3 / calls)
     return sorted(times)[len(times) // 2]
+
+
+def eager_us(fn, calls: int = 2000, warmup: int = 50) -> float:
+    """Wall time per call of ``calls`` back-to-back eager calls, the GPU synchronized at both ends
+    (microseconds): the rate the host can issue them while the GPU is kept busy."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e6

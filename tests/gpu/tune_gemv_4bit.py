@@ -79,17 +79,6 @@ def _warm(jobs) -> int:
     return failed
 
 
-def eager_us(fn, calls: int = 50) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) * 1e6 / calls
-
-
 def copy_bandwidth() -> float:
     x = torch.empty(1 << 28, device="cuda", dtype=torch.float32)
     y = torch.empty_like(x)

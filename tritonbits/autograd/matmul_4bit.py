@@ -17,8 +17,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
-
 from .. import functional as F
 from ..backends import registry
 from ..quant_state import QuantState
@@ -32,7 +30,7 @@ GEMV_MAX_ROWS = 16
 
 def dequantize_weight(B: Tensor, quant_state: QuantState, dtype: torch.dtype) -> Tensor:
     """Packed codes B -> W of ``quant_state.shape`` in ``dtype`` (one rounding, float32 -> dtype)."""
-    module = _triton_module("dequantize_4bit", B, quant_state)
+    module = _kept_launch_module("dequantize_4bit", B, quant_state)
     launch = None if module is None else module.state_dequant_launch(B, quant_state, dtype)
     if launch is not None:
         return launch.launch()
@@ -84,29 +82,23 @@ class MatMul4Bit(torch.autograd.Function):
         return grad_A, None, None, grad_bias, None
 
 
-def _triton_module(op: str, tensor: Tensor, quant_state: QuantState):
-    """The Triton kernel module of ``op`` where an eager call on ``tensor`` may use a launch kept
-    on ``quant_state`` (backends/triton/kept_launch.py), else None (then the op is called).
+def _kept_launch_module(op: str, tensor: Tensor, quant_state: QuantState):
+    """The Triton kernel module of ``op`` where this eager call may use a launch kept on
+    ``quant_state`` (``registry.triton_module``), else None (then the op is called).
 
     Going through the functional API, the op and the kernel launcher costs 50-200 us of host
     time per call, more than a decode kernel takes and enough to leave the GPU idle in QLoRA
-    training; a kept launch does that work once per layer. Not while tracing, under dispatch
-    modes (fake tensors) or for tensor subclasses, which must see the op."""
-    if (
-        not isinstance(tensor, Tensor)
-        or not isinstance(quant_state, QuantState)
-        or torch.compiler.is_compiling()
-        or is_in_torch_dispatch_mode()
-    ):
+    training; a kept launch does that work once per layer."""
+    if not isinstance(quant_state, QuantState):
         return None
-    return registry.triton_module(op, tensor.device)
+    return registry.triton_module(op, tensor)
 
 
 def _prepared_gemv(A: Tensor, B: Tensor, quant_state: QuantState):
     """The fused gemv launch kept on ``quant_state`` for A's rows and dtype, or None."""
     if type(A) is not Tensor:
         return None
-    module = _triton_module("gemv_4bit", A, quant_state)
+    module = _kept_launch_module("gemv_4bit", A, quant_state)
     return None if module is None else module.state_gemv_launch(A, B, quant_state)
 
 

@@ -20,6 +20,7 @@ import os
 import warnings
 
 import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from .._ops import REFERENCES, qualname
 
@@ -157,11 +158,21 @@ def direct_kernel(name: str, device_type: str):
     return _REGISTERED.get((name, device_type)) or REFERENCES[name]
 
 
-def triton_module(name: str, device: torch.device):
-    """The module of tritonbits.backends.triton holding op ``name``'s kernel where Triton serves that
-    op on ``device`` (registered there, Triton importable, GPU supported), else None.
+def triton_module(name: str, tensor: torch.Tensor):
+    """The module of tritonbits.backends.triton holding op ``name``'s kernel, for an eager call on
+    ``tensor`` that may skip the op and use a launch kept on a quant state
+    (``backends/triton/kept_launch.py``); None where the op must be called.
 
-    For eager fast paths that keep prepared launches (``gemv_4bit.state_gemv_launch``)."""
+    The op must be called while tracing, under dispatch modes (fake tensors, recorders), for
+    tensor subclasses that dispatch themselves (DTensor), and where Triton does not serve the op
+    on the tensor's device (not registered there, not importable, GPU too old)."""
+    if (
+        type(tensor).__torch_dispatch__ is not torch.Tensor.__torch_dispatch__
+        or torch.compiler.is_compiling()
+        or is_in_torch_dispatch_mode()
+    ):
+        return None
+    device = tensor.device
     if (name, device.type) not in _REGISTERED or not triton_serves(device):
         return None
     try:

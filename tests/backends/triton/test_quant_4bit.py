@@ -178,7 +178,7 @@ def test_functional_dequantize_uses_the_kept_launch_where_triton_serves(device, 
     w = torch.randn(24, 512, generator=rng).to(device=device, dtype=torch.bfloat16)
     packed, state = F.quantize_4bit(w, compress_statistics=nested)
     expected = F.dequantize_4bit(packed, state)  # before the patch: the op
-    monkeypatch.setattr(registry, "triton_module", lambda op, dev: quant_4bit)
+    monkeypatch.setattr(registry, "triton_module", lambda op, tensor: quant_4bit)
     got = F.dequantize_4bit(packed, state)
     assert "_kept_launches" in state.__dict__
     assert torch.equal(got, expected)

@@ -38,7 +38,7 @@ from ..._ops import REFERENCES
 from ...quant_state import QuantState
 from . import cast_rtne, interpreting
 from .kept_launch import KeptLaunch, kept_launch
-from .quant_4bit import decode_4bit
+from .quant_4bit import decode_4bit, nested_absmax_args, nested_args
 
 # Launch configurations by row count: the first entry whose row limit covers the rows is used.
 # (max rows, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, use_dot, permute_a). BLOCK_M rows
@@ -316,6 +316,22 @@ class GemvLaunch(KeptLaunch):
         return out.reshape(*A.shape[:-1], self.N)
 
 
+def _fused_launch(A: torch.Tensor, B: torch.Tensor, N: int, K: int, absmax: torch.Tensor, nested: Optional[tuple],
+                  code: torch.Tensor, blocksize: int) -> Optional[GemvLaunch]:  # fmt: skip
+    """The fused kernel's launch for A's rows and dtype, or None where it does not take the
+    shape (empty, K not a multiple of blocksize or of a usable BLOCK_K, too many rows) or the
+    packed codes are not 16-byte aligned. ``nested``: :func:`~.quant_4bit.nested_args` or None."""
+    rows = A.numel() // K if K else 0
+    if N == 0 or rows == 0 or K % blocksize:
+        return None
+    config = _config(rows, K, A.dtype)
+    words = None if config is None else _as_words(B)
+    if words is None:
+        return None
+    absmax = absmax.contiguous() if nested is not None else absmax.float().contiguous()
+    return GemvLaunch(rows, N, K, A.dtype, A.device, words, absmax, nested, code, blocksize, config)
+
+
 def gemv_4bit(
     A: torch.Tensor, B: torch.Tensor, shapeB: Sequence[int], absmax: torch.Tensor, code: torch.Tensor, blocksize: int
 ) -> torch.Tensor:
@@ -325,18 +341,13 @@ def gemv_4bit(
     shapes the kernel does not take, decode W with the Triton dequantize kernel and use cuBLAS.
     """
     N, K = int(shapeB[0]), int(shapeB[1])
-    rows = A.numel() // K if K else 0
-    if N == 0 or K == 0 or rows == 0:
+    if N == 0 or K == 0 or A.numel() == 0:
         return REFERENCES["gemv_4bit"](A, B, shapeB, absmax, code, blocksize)
-    config = None if K % blocksize else _config(rows, K, A.dtype)
-    words = None if config is None else _as_words(B)
-    if words is None:
-        table = code.to(device=A.device, dtype=torch.float32).contiguous()
-        weight = decode_4bit(B, absmax, table, blocksize, [N, K], A.dtype)
-        return torch.nn.functional.linear(A, weight)
-    if absmax.dtype != torch.float32 or not absmax.is_contiguous():
-        absmax = absmax.float().contiguous()
-    return GemvLaunch(rows, N, K, A.dtype, A.device, words, absmax, None, code, blocksize, config).launch(A)
+    launch = _fused_launch(A, B, N, K, absmax, None, code, blocksize)
+    if launch is not None:
+        return launch.launch(A)
+    table = code.to(device=A.device, dtype=torch.float32).contiguous()
+    return torch.nn.functional.linear(A, decode_4bit(B, absmax, table, blocksize, [N, K], A.dtype))
 
 
 def gemv_4bit_nested(
@@ -353,50 +364,26 @@ def gemv_4bit_nested(
 ) -> torch.Tensor:
     """Triton launcher of ``tritonbits::gemv_4bit_nested``: :func:`gemv_4bit` with 8-bit absmax codes."""
     N, K = int(shapeB[0]), int(shapeB[1])
-    rows = A.numel() // K if K else 0
-    config = None if N == 0 or rows == 0 or K % blocksize or absmax.dtype != torch.uint8 else _config(rows, K, A.dtype)
-    words = None if config is None else _as_words(B)
-    if words is None:
-        return REFERENCES["gemv_4bit_nested"](
-            A, B, shapeB, absmax, absmax_code, absmax_scale, offset, absmax_blocksize, code, blocksize
-        )
-    nested = (
-        absmax_code.float().contiguous(),
-        absmax_scale.float().contiguous(),
-        offset.float().reshape(1),
-        absmax_blocksize,
+    launch = None
+    if absmax.dtype == torch.uint8:
+        nested = nested_args(absmax_code, absmax_scale, offset, absmax_blocksize)
+        launch = _fused_launch(A, B, N, K, absmax, nested, code, blocksize)
+    if launch is not None:
+        return launch.launch(A)
+    return REFERENCES["gemv_4bit_nested"](
+        A, B, shapeB, absmax, absmax_code, absmax_scale, offset, absmax_blocksize, code, blocksize
     )
-    launch = GemvLaunch(rows, N, K, A.dtype, A.device, words, absmax.contiguous(), nested, code, blocksize, config)
-    return launch.launch(A)
 
 
 def _state_launch(A: torch.Tensor, B: torch.Tensor, state: QuantState) -> Optional[GemvLaunch]:
     """A new GemvLaunch for A's rows and dtype on the weight (B, state); None where not fused."""
-    N, K = int(state.shape[0]), int(state.shape[1])
-    rows = A.numel() // K
-    nested = state.nested
     if B.device != A.device or state.absmax.device != A.device:
         return None  # functional.gemv_4bit names the misplaced tensor
-    if rows == 0 or N == 0 or K % state.blocksize or (nested and state.absmax.dtype != torch.uint8):
+    if state.nested and state.absmax.dtype != torch.uint8:
         return None
-    config = _config(rows, K, A.dtype)
-    words = None if config is None else _as_words(B)
-    if words is None:
-        return None
-    code = state.code.to(device=A.device, dtype=torch.float32).contiguous()
-    if nested:
-        inner = state.state2
-        nested_args = (
-            inner.code.float().contiguous(),
-            inner.absmax.float().contiguous(),
-            state.offset.float().reshape(1),
-            inner.blocksize,
-        )
-        absmax = state.absmax.contiguous()
-    else:
-        nested_args = None
-        absmax = state.absmax.float().contiguous()
-    return GemvLaunch(rows, N, K, A.dtype, A.device, words, absmax, nested_args, code, state.blocksize, config)
+    N, K = int(state.shape[0]), int(state.shape[1])
+    code = state.code.to(device=A.device, dtype=torch.float32)
+    return _fused_launch(A, B, N, K, state.absmax, nested_absmax_args(state), code, state.blocksize)
 
 
 def state_gemv_launch(A: torch.Tensor, B: torch.Tensor, state: QuantState) -> Optional[GemvLaunch]:

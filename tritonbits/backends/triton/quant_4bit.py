@@ -194,6 +194,21 @@ def dequantize_4bit(
     return decode_4bit(A, absmax, _device_table(quant_type, A.device), blocksize, shape, dtype)
 
 
+def nested_absmax_args(state: QuantState) -> Optional[tuple]:
+    """A nested state's (absmax_code, absmax_scale, offset, absmax_blocksize) as the kernels that
+    decode 8-bit absmax codes take them (float32, contiguous, offset as [1]); None if not nested."""
+    if not state.nested:
+        return None
+    inner = state.state2
+    return nested_args(inner.code, inner.absmax, state.offset, inner.blocksize)
+
+
+def nested_args(absmax_code, absmax_scale, offset, absmax_blocksize: int) -> tuple:
+    """(absmax_code, absmax_scale, offset, absmax_blocksize) in the form the kernels take."""
+    return (absmax_code.float().contiguous(), absmax_scale.float().contiguous(), offset.float().reshape(1),
+            absmax_blocksize)  # fmt: skip
+
+
 class DequantLaunch(KeptLaunch):
     """The dequantize kernel's launch for one packed weight: ``launch()`` returns a new tensor of
     ``shape`` in ``dtype``. With ``nested`` = (absmax_code, absmax_scale, offset, absmax_blocksize)
@@ -247,13 +262,8 @@ def state_dequant_launch(B: torch.Tensor, state: QuantState, dtype: torch.dtype)
         if state.shape is None or state.quant_type not in ("nf4", "fp4") or B.device != state.absmax.device:
             return None
         table = _device_table(state.quant_type, B.device)  # as the op: the quant type's table
-        nested = None
-        if state.nested:
-            if state.absmax.dtype != torch.uint8:
-                return None
-            inner = state.state2
-            nested = (inner.code.float().contiguous(), inner.absmax.float().contiguous(),
-                      state.offset.float().reshape(1), inner.blocksize)  # fmt: skip
-        return DequantLaunch(B, state.absmax, table, state.blocksize, state.shape, dtype, nested)
+        if state.nested and state.absmax.dtype != torch.uint8:
+            return None
+        return DequantLaunch(B, state.absmax, table, state.blocksize, state.shape, dtype, nested_absmax_args(state))
 
     return kept_launch(state, ("dequantize_4bit", dtype, B.device), B, build)
