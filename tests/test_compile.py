@@ -92,11 +92,14 @@ def test_opcheck(rng):
     x = torch.randn(4, 64, generator=rng)
     packed, absmax = torch.ops.tritonbits.quantize_4bit(x, 64, "nf4", torch.uint8)
     code = F.create_dynamic_map()
+    cb, scb, _ = F.int8_vectorwise_quant(torch.randn(8, 64, generator=rng))
     cases = [
         (torch.ops.tritonbits.quantize_4bit.default, (x, 64, "nf4", torch.uint8)),
         (torch.ops.tritonbits.dequantize_4bit.default, (packed, absmax, 64, "nf4", [4, 64], torch.float16)),
         (torch.ops.tritonbits.quantize_blockwise.default, (x, code, 64)),
         (torch.ops.tritonbits.int8_vectorwise_quant.default, (x, 0.0)),
+        (torch.ops.tritonbits.int8_mixed_linear.default, (x * 4, cb, scb, None, 0.0)),
+        (torch.ops.tritonbits.int8_mixed_linear.default, (x * 4, cb, scb, torch.randn(8, generator=rng), 6.0)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))

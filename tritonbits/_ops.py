@@ -49,6 +49,9 @@ _SCHEMAS = {
     "int8_scaled_mm": (
         "(Tensor A, Tensor B, Tensor row_stats, Tensor col_stats, Tensor? bias=None, ScalarType? dtype=None) -> Tensor"
     ),
+    "int8_mixed_linear": (
+        "(Tensor A, Tensor CB, Tensor SCB, Tensor? bias=None, float threshold=0.0) -> (Tensor, Tensor?)"
+    ),
     "optimizer_update_32bit": (
         "(str optimizer_name, Tensor(a0!) g, Tensor(a1!) p, Tensor(a2!) state1, Tensor(a3!)? state2, "
         "Tensor(a4!)? unorm_vec, float max_unorm, float param_norm, float beta1, float beta2, float beta3, "
@@ -202,6 +205,17 @@ def _(A, B, row_stats, col_stats, bias=None, dtype: Optional[torch.dtype] = None
     torch._check(A.dtype == torch.int8, lambda: f"A must be int8, got {A.dtype}")
     torch._check(B.dtype == torch.int8, lambda: f"B must be int8, got {B.dtype}")
     return A.new_empty((*A.shape[:-1], B.shape[0]), dtype=dtype or torch.float16)
+
+
+@_fake("int8_mixed_linear")
+def _(A, CB, SCB, bias=None, threshold: float = 0.0):
+    _check_float(A, "A")
+    torch._check(CB.dtype == torch.int8, lambda: f"CB must be int8, got {CB.dtype}")
+    torch._check(A.shape[-1] == CB.shape[-1], lambda: f"A {tuple(A.shape)} and CB {tuple(CB.shape)}: K must match")
+    out = A.new_empty((*A.shape[:-1], CB.shape[0]))
+    if threshold == 0.0:
+        return out, None
+    return out, A.new_empty((A.shape[-1],), dtype=torch.bool)
 
 
 @_fake("optimizer_update_32bit")

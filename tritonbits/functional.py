@@ -54,6 +54,7 @@ __all__ = [
     "int8_vectorwise_quant",
     "int8_vectorwise_dequant",
     "int8_scaled_mm",
+    "int8_mixed_linear",
     "optimizer_update_32bit",
     "optimizer_update_8bit_blockwise",
 ]
@@ -577,6 +578,30 @@ def int8_scaled_mm(
     _require_dtype(B, (torch.int8,), "B")
     _require_same_device({"A": A, "B": B, "row_stats": row_stats, "col_stats": col_stats, "bias": bias})
     return _call("int8_scaled_mm", A, B, row_stats, col_stats, bias=bias, dtype=dtype)
+
+
+def int8_mixed_linear(
+    A: Tensor, CB: Tensor, SCB: Tensor, bias: Optional[Tensor] = None, threshold: float = 0.0
+) -> tuple[Tensor, Optional[Tensor]]:
+    """LLM.int8()'s inference forward in one op (a tritonbits addition; bitsandbytes composes it).
+
+    A [..., K] float is cast to float16, quantized row-wise and multiplied with the int8 weight CB
+    [N, K] (float32 row scales SCB [N]); the product is dequantized (+ bias [N]) in A's dtype. With
+    ``threshold > 0`` the columns of A holding any ``|x| >= threshold`` are multiplied in A's dtype
+    against CB's dequantized columns instead. Returns (output [..., N] in A's dtype, bool [K]
+    outlier-column flags, or None without threshold). Up to 16 rows run as one Triton kernel.
+    """
+    _require_float(A, "A")
+    _require_dtype(CB, (torch.int8,), "CB")
+    _require_threshold(threshold)
+    if CB.dim() != 2 or CB.shape[1] != A.shape[-1]:
+        raise ValueError(f"CB must be int8 [N, K] with K = A.shape[-1] = {A.shape[-1]}, got shape {tuple(CB.shape)}")
+    if SCB.numel() != CB.shape[0]:
+        raise ValueError(f"SCB must hold one float32 scale per row of CB ({CB.shape[0]}), got shape {tuple(SCB.shape)}")
+    if bias is not None and bias.numel() != CB.shape[0]:
+        raise ValueError(f"bias must hold N = {CB.shape[0]} values, got shape {tuple(bias.shape)}")
+    _require_same_device({"A": A, "CB": CB, "SCB": SCB, "bias": bias})
+    return _call("int8_mixed_linear", A, CB, SCB.reshape(-1).float(), bias, float(threshold))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -298,6 +298,7 @@ def test_weight_grad_training_int8_path(rng, dtype, threshold, a_shape, n):
 
 def test_matmul_dispatch(rng, monkeypatch):
     A, W, _ = _inputs(rng, (4, 16), 4, torch.float16)
+    A.requires_grad_(True)
     used = []
     for fn in (MatMul8bitLt, MatMul8bitFp):
         monkeypatch.setattr(fn, "apply", (lambda name: lambda *a: used.append(name) or torch.zeros(4, 4))(fn.__name__))
@@ -307,6 +308,12 @@ def test_matmul_dispatch(rng, monkeypatch):
     state = _state(False, is_training=False)
     matmul(A, W, state=state, threshold=5.0)
     assert state.threshold == 5.0
+    # Nothing to differentiate: no autograd Function at all (its host time matters at decode).
+    used.clear()
+    matmul(A.detach(), W, state=_state(False, is_training=False))
+    with torch.no_grad():
+        matmul(A, W, state=_state(False, is_training=False))
+    assert used == []
 
 
 def test_warns_on_non_float16_input(rng):

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
+from ..backends import registry
 
 __all__ = ["MatmulLtState", "MatMul8bitLt", "MatMul8bitFp", "matmul"]
 
@@ -83,6 +84,16 @@ class MatmulLtState:
             return None
         raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
 
+    def __getstate__(self) -> dict:
+        # Kernel launches kept on the state (backends/triton/kept_launch.py) are not copied.
+        return {k: v for k, v in self.__dict__.items() if k != "_kept_launches"}
+
+    def note_outlier_flags(self, flags: Tensor) -> None:
+        """Record the last input's outlier columns as bool flags [K]; ``idx`` is derived from them
+        when read, so that the forward needs no host sync for it."""
+        self.__dict__.pop("_idx", None)
+        self.__dict__["_outlier_flags"] = flags
+
     def reset_grads(self) -> None:
         """Forget the quantized weight so that the next forward quantizes B again."""
         self.CB = None
@@ -92,15 +103,59 @@ class MatmulLtState:
         self.CBt = None
 
 
-def _as_float16(A: Tensor) -> Tensor:
+def _get_idx(state: MatmulLtState) -> Optional[Tensor]:
+    flags = state.__dict__.pop("_outlier_flags", None)
+    if flags is not None:
+        state.__dict__["_idx"] = torch.argwhere(flags).view(-1)
+    return state.__dict__.get("_idx")
+
+
+def _set_idx(state: MatmulLtState, value: Optional[Tensor]) -> None:
+    state.__dict__.pop("_outlier_flags", None)
+    state.__dict__["_idx"] = value
+
+
+# ``idx`` stays a dataclass field (constructor argument, ==, repr) read and written through this.
+MatmulLtState.idx = property(_get_idx, _set_idx, doc="int64 outlier columns of the last input, or None")
+
+
+def _warn_float16_cast(A: Tensor, stacklevel: int) -> None:
     # bitsandbytes quantizes activations from float16 whatever their dtype; results stay identical
     # to theirs, at the cost of float16's range (|x| > 65504 overflows) for bf16/fp32 inputs.
     if A.dtype != torch.float16 and not torch.compiler.is_compiling():
         warnings.warn(
             f"MatMul8bitLt: inputs will be cast from {A.dtype} to float16 during quantization",
-            stacklevel=3,
+            stacklevel=stacklevel + 1,
         )
+
+
+def _as_float16(A: Tensor) -> Tensor:
+    _warn_float16_cast(A, stacklevel=3)
     return A.to(torch.float16)
+
+
+def _kept_int8_launch(A: Tensor, state: MatmulLtState, bias: Optional[Tensor]):
+    """The fused launch kept on ``state`` for A's rows and dtype (``backends/triton/int8_linear.py``),
+    or None where the op must be called (not served by Triton, tracing, subclasses, no weight)."""
+    if type(A) is not Tensor or state.CB is None or state.SCB is None:
+        return None
+    module = registry.triton_module("int8_mixed_linear", A)
+    return None if module is None else module.state_int8_launch(A, state, bias)
+
+
+def _inference_forward(A: Tensor, state: MatmulLtState, bias: Optional[Tensor]) -> Tensor:
+    """``A @ B.T + bias`` through int8 with ``state``'s weight, without saving anything for B's
+    gradient: one op (one kernel for up to 16 rows), outlier columns kept as flags on ``state``."""
+    launch = _kept_int8_launch(A, state, bias)
+    if launch is not None:
+        output, flags = launch.launch(A, bias)
+    else:
+        if state.CB is None or state.SCB is None:
+            raise RuntimeError("MatmulLtState must hold CB and SCB (the int8 weight) for this operation")
+        output, flags = F.int8_mixed_linear(A, state.CB, state.SCB, bias, float(state.threshold))
+    if flags is not None:
+        state.note_outlier_flags(flags)
+    return output
 
 
 def _quantize_weight(state: MatmulLtState, B: Tensor) -> None:
@@ -170,6 +225,16 @@ class MatMul8bitLt(torch.autograd.Function):
             return A.new_zeros(_empty_output_shape(A, B))
 
         input_shape = A.shape
+        ctx.grad_shape = input_shape
+        ctx.dtype_A = A.dtype
+        ctx.dtype_B = B.dtype
+        ctx.dtype_bias = None if bias is None else bias.dtype
+        if not ctx.needs_input_grad[1] and not torch.compiler.is_compiling():
+            # Nothing saved for B's gradient: the fused inference op (outlier columns as flags).
+            _warn_float16_cast(A, stacklevel=3)
+            _quantize_weight(state, B)
+            return _inference_forward(A, state, bias)
+
         A2d = A.reshape(-1, A.shape[-1])
         A16 = _as_float16(A2d)
         if ctx.needs_input_grad[1]:
@@ -188,10 +253,6 @@ class MatMul8bitLt(torch.autograd.Function):
             output = F.int8_scaled_mm(CA, state.CB, SCA, state.SCB, bias=bias, dtype=A.dtype)
             subA = None
 
-        ctx.grad_shape = input_shape
-        ctx.dtype_A = A.dtype
-        ctx.dtype_B = B.dtype
-        ctx.dtype_bias = None if bias is None else bias.dtype
         if ctx.needs_input_grad[1]:
             idx = state.idx if state.threshold > 0.0 else None
             if idx is not None and idx.numel():
@@ -275,6 +336,12 @@ class MatMul8bitFp(torch.autograd.Function):
         return grad_A, grad_B, None, grad_bias, None
 
 
+def _needs_autograd(A: Tensor, B: Tensor, bias: Optional[Tensor]) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return A.requires_grad or B.requires_grad or (bias is not None and bias.requires_grad)
+
+
 def matmul(
     A: Tensor,
     B: Tensor,
@@ -307,6 +374,11 @@ def matmul(
         state.threshold = threshold
     if state.is_training and A.device.type in _DEQUANTIZED_TRAINING_DEVICES:
         result = MatMul8bitFp.apply(A, B, out, bias, state)
+    elif A.numel() and not _needs_autograd(A, B, bias) and not torch.compiler.is_compiling():
+        # No gradient to compute (inference): skip the autograd Function and its host time.
+        _warn_float16_cast(A, stacklevel=2)
+        _quantize_weight(state, B)
+        result = _inference_forward(A, state, bias)
     else:
         result = MatMul8bitLt.apply(A, B, out, bias, state)
     if out is not None:

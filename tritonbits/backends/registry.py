@@ -41,6 +41,7 @@ TRITON_KERNELS: dict[str, str] = {
     "int8_linear_matmul": "int8_matmul",
     "int8_mm_dequant": "int8_matmul",
     "int8_scaled_mm": "int8_matmul",
+    "int8_mixed_linear": "int8_linear",
 }
 
 

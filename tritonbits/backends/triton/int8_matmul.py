@@ -66,13 +66,9 @@ USE_INT_MM = True
 
 
 @triton.jit
-def _dequantize_tile(
-    acc, row_stats_ptr, col_stats_ptr, bias_ptr, offs_m, offs_n, M, N, inv_127_sq,
-    HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr,
-):  # fmt: skip
-    """int32 tile [BM, BN] -> float32 ``acc * (row * col) * inv_127_sq (+ bias)``, the reference's order."""
-    row = tl.load(row_stats_ptr + offs_m, mask=offs_m < M, other=0.0)
-    col = tl.load(col_stats_ptr + offs_n, mask=offs_n < N, other=0.0)
+def dequantize_values(acc, row, col, bias_ptr, offs_n, N, inv_127_sq, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr):
+    """int32 tile [BM, BN] with row [BM] and column [BN] stats -> float32 ``acc * (row * col) *
+    inv_127_sq (+ bias)``, in the reference's order."""
     out = (acc.to(tl.float32) * (row[:, None] * col[None, :])) * inv_127_sq
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
@@ -83,6 +79,17 @@ def _dequantize_tile(
             # product's rounding and differ from the reference's separate multiply and add.
             out = libdevice.add_rn(out, bias[None, :])
     return out
+
+
+@triton.jit
+def _dequantize_tile(
+    acc, row_stats_ptr, col_stats_ptr, bias_ptr, offs_m, offs_n, M, N, inv_127_sq,
+    HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr,
+):  # fmt: skip
+    """:func:`dequantize_values` with the stats loaded from memory."""
+    row = tl.load(row_stats_ptr + offs_m, mask=offs_m < M, other=0.0)
+    col = tl.load(col_stats_ptr + offs_n, mask=offs_n < N, other=0.0)
+    return dequantize_values(acc, row, col, bias_ptr, offs_n, N, inv_127_sq, HAS_BIAS, INTERPRET)
 
 
 @triton.jit

@@ -8,8 +8,9 @@ and in QLoRA training, where three such calls run per layer and step, it left th
 kernel directly, without Triton's argument binding and cache lookup.
 
 Launches are kept in ``state._kept_launches`` (not copied or pickled with the state, see
-``QuantState.__getstate__``) under a key of the caller's choosing, and rebuilt when the packed
-weight's address or any state tensor (identity or in-place version) changes.
+``QuantState.__getstate__``; LLM.int8()'s ``MatmulLtState`` holds them the same way) under a key
+of the caller's choosing, and rebuilt when the weight's address or any state tensor (identity or
+in-place version) changes.
 """
 
 from __future__ import annotations
@@ -50,22 +51,28 @@ class KeptLaunch:
             self._runner_spec = spec
 
 
-def _sources(B: torch.Tensor, state: QuantState) -> tuple[tuple[int, ...], list[torch.Tensor]]:
-    """What a kept launch was built from, as ints (B's address and version, the state tensors'
-    ids and versions), and the state tensors (kept with the launch so that their ids stay theirs)."""
+def _quant_state_tensors(state: QuantState) -> list[torch.Tensor]:
     tensors = [state.absmax, state.code]
     if state.nested:
         tensors += [state.offset, state.state2.absmax, state.state2.code]
-    key = (B.data_ptr(), B._version, *(id(t) for t in tensors), *(t._version for t in tensors))
-    return key, tensors
+    return tensors
 
 
-def kept_launch(state: QuantState, key: Hashable, B: torch.Tensor,
-                build: Callable[[], Optional[KeptLaunch]]) -> Optional[KeptLaunch]:  # fmt: skip
-    """The launch kept on ``state`` under ``key`` for the packed weight B, built by ``build()``
-    on first use or when B or the state changed; None (also kept) where ``build`` declines."""
-    launches = state.__dict__.setdefault("_kept_launches", {})
-    sources, tensors = _sources(B, state)
+def _sources(B: torch.Tensor, tensors: list[torch.Tensor]) -> tuple[int, ...]:
+    """What a kept launch was built from, as ints: B's address and version, the other tensors'
+    ids and versions (the tensors are kept with the launch so that their ids stay theirs)."""
+    return (B.data_ptr(), B._version, *(id(t) for t in tensors), *(t._version for t in tensors))
+
+
+def kept_launch(holder, key: Hashable, B: torch.Tensor, build: Callable[[], Optional[KeptLaunch]],
+                tensors: Optional[list[torch.Tensor]] = None) -> Optional[KeptLaunch]:  # fmt: skip
+    """The launch kept on ``holder`` (a QuantState, or any object with a ``__dict__``) under
+    ``key`` for the weight B, built by ``build()`` on first use or when B or one of ``tensors``
+    (default: the QuantState's tensors) changed; None (also kept) where ``build`` declines."""
+    launches = holder.__dict__.setdefault("_kept_launches", {})
+    if tensors is None:
+        tensors = _quant_state_tensors(holder)
+    sources = _sources(B, tensors)
     entry = launches.get(key)
     if entry is None or entry[0] != sources:
         entry = (sources, build(), tensors)

@@ -1,0 +1,172 @@
+"""The fused LLM.int8() inference kernel (int8_mixed_linear) against the reference composition.
+
+Without outlier columns the result is bit-identical; with them the outlier product is summed in
+another order than the reference's addmm, so it matches within a rounding of the output dtype.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+# One ulp-ish of each output dtype, relative to the output's largest magnitude.
+_OUTLIER_RTOL = {torch.float16: 2**-9, torch.bfloat16: 2**-6, torch.float32: 1e-6}
+
+
+def _weight(rng, N, K, device):
+    CB = torch.randint(-127, 128, (N, K), generator=rng, dtype=torch.int8).to(device)
+    SCB = (torch.rand(N, generator=rng) * 2 + 0.05).to(device)
+    return CB, SCB
+
+
+def _activations(rng, shape, dtype, device, outlier_every=0):
+    A = torch.randn(shape, generator=rng)
+    if outlier_every:
+        A[..., ::outlier_every] *= 4  # some of these columns cross the threshold, not all
+    return A.to(dtype).to(device)
+
+
+def _assert_matches(out, expected, dtype, exact):
+    assert out.dtype == expected.dtype and out.shape == expected.shape
+    if exact:
+        assert torch.equal(out, expected)
+    else:
+        scale = expected.float().abs().max().item()
+        assert (out.float() - expected.float()).abs().max().item() <= _OUTLIER_RTOL[dtype] * scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 5, 16, 17])
+@pytest.mark.parametrize("threshold", [0.0, 3.0])
+def test_matches_the_reference(device, launcher, reference, rng, dtype, rows, threshold):
+    # K not a multiple of the K tile and N not of the N tile: the masked edges; 17 rows: unfused.
+    N, K = 70, 600
+    CB, SCB = _weight(rng, N, K, device)
+    A = _activations(rng, (rows, K), dtype, device, outlier_every=7 if threshold else 0)
+    bias = torch.randn(N, generator=rng).to(dtype).to(device)
+    out, flags = launcher("int8_mixed_linear")(A, CB, SCB, bias, threshold)
+    expected, expected_flags = reference("int8_mixed_linear")(A.cpu(), CB.cpu(), SCB.cpu(), bias.cpu(), threshold)
+    if threshold:
+        assert expected_flags.any(), "the test must produce outlier columns"
+        assert torch.equal(flags.cpu(), expected_flags)
+    else:
+        assert flags is None and expected_flags is None
+    _assert_matches(out.cpu(), expected, dtype, exact=not threshold)
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+def test_threshold_without_outliers_is_bit_identical_and_flags_nothing(device, launcher, reference, rng, rows):
+    CB, SCB = _weight(rng, 96, 256, device)
+    A = _activations(rng, (rows, 256), torch.float16, device)
+    out, flags = launcher("int8_mixed_linear")(A, CB, SCB, None, 50.0)
+    expected, _ = reference("int8_mixed_linear")(A.cpu(), CB.cpu(), SCB.cpu(), None, 50.0)
+    assert not flags.any()
+    assert torch.equal(out.cpu(), expected)
+
+
+def test_threshold_compares_in_float16(device, launcher, reference, rng):
+    # 2.0009 rounds down to 2.0 in float16; torch compares float16 |A| >= threshold in float16,
+    # so an entry of exactly 2.0 is an outlier there although 2.0 < 2.0009.
+    CB, SCB = _weight(rng, 64, 128, device)
+    A = _activations(rng, (2, 128), torch.float16, device) * 0.25
+    A[1, 5] = 2.0
+    out, flags = launcher("int8_mixed_linear")(A, CB, SCB, None, 2.0009)
+    expected, expected_flags = reference("int8_mixed_linear")(A.cpu(), CB.cpu(), SCB.cpu(), None, 2.0009)
+    assert expected_flags[5] and torch.equal(flags.cpu(), expected_flags)
+    _assert_matches(out.cpu(), expected, torch.float16, exact=False)
+
+
+def test_batch_dims_and_strided_rows(device, launcher, reference, rng):
+    CB, SCB = _weight(rng, 40, 64, device)
+    A = _activations(rng, (2, 3, 128), torch.float16, device)[..., ::2]  # every other column
+    out, _ = launcher("int8_mixed_linear")(A, CB, SCB, None, 0.0)
+    expected, _ = reference("int8_mixed_linear")(A.cpu(), CB.cpu(), SCB.cpu(), None, 0.0)
+    assert out.shape == (2, 3, 40) and torch.equal(out.cpu(), expected)
+
+
+def _layer_state(rng, N, K, device, threshold):
+    from tritonbits.autograd.matmul_8bit import MatmulLtState
+
+    state = MatmulLtState()
+    state.CB, state.SCB = _weight(rng, N, K, device)
+    state.threshold = threshold
+    state.has_fp16_weights = False
+    state.is_training = False
+    return state
+
+
+@pytest.mark.parametrize("threshold", [0.0, 3.0])
+def test_matmul_keeps_the_launch_on_the_state_and_follows_weight_changes(device, rng, monkeypatch, threshold):
+    import tritonbits as bnb
+    from tritonbits.backends import registry
+    from tritonbits.backends.triton import int8_linear
+
+    monkeypatch.setattr(registry, "triton_module", lambda op, tensor: int8_linear)
+    N, K = 48, 256
+    state = _layer_state(rng, N, K, device, threshold)
+    A = _activations(rng, (1, 3, K), torch.float16, device, outlier_every=5 if threshold else 0)
+    bias = torch.randn(N, generator=rng).half().to(device)
+
+    def expected():
+        from tritonbits._ops import REFERENCES
+
+        return REFERENCES["int8_mixed_linear"](A.cpu(), state.CB.cpu(), state.SCB.cpu(), bias.cpu(), threshold)
+
+    out = bnb.matmul(A, state.CB, state=state, bias=bias)
+    launches = state.__dict__["_kept_launches"]
+    (launch,) = [entry[1] for entry in launches.values()]
+    assert isinstance(launch, int8_linear.Int8LinearLaunch)
+    ref_out, ref_flags = expected()
+    _assert_matches(out.cpu(), ref_out, torch.float16, exact=not threshold)
+    if threshold:
+        assert "_outlier_flags" in state.__dict__  # idx not computed until read
+        assert torch.equal(state.idx.cpu(), torch.argwhere(ref_flags).view(-1))
+    bnb.matmul(A, state.CB, state=state, bias=bias)
+    assert [entry[1] for entry in launches.values()] == [launch]  # reused
+
+    state.SCB.mul_(0.5)  # in place: the launch is rebuilt from the new scales
+    out = bnb.matmul(A, state.CB, state=state, bias=bias)
+    assert [entry[1] for entry in launches.values()] != [launch]
+    _assert_matches(out.cpu(), expected()[0], torch.float16, exact=not threshold)
+
+    assert "_kept_launches" not in copy.deepcopy(state).__dict__
+    assert "_kept_launches" not in pickle.loads(pickle.dumps(state)).__dict__
+
+
+def test_linear8bitlt_inference_through_the_fused_kernel(device, rng, monkeypatch):
+    import tritonbits as bnb
+    from tritonbits._ops import REFERENCES
+    from tritonbits.backends import registry
+    from tritonbits.backends.triton import int8_linear
+
+    monkeypatch.setattr(registry, "triton_module", lambda op, tensor: int8_linear)
+    dense = torch.nn.Linear(128, 64).half()
+    layer = bnb.nn.Linear8bitLt(128, 64, has_fp16_weights=False, threshold=6.0)
+    layer.load_state_dict(dense.state_dict())
+    layer = layer.to(device).eval()
+    x = _activations(rng, (2, 128), torch.float16, device, outlier_every=9) * 2
+    with torch.no_grad():
+        out = layer(x)
+    CB, SCB = layer.state.CB, layer.state.SCB
+    expected, flags = REFERENCES["int8_mixed_linear"](x.cpu(), CB.cpu(), SCB.cpu(), layer.bias.detach().cpu(), 6.0)
+    assert flags.any()
+    _assert_matches(out.cpu(), expected, torch.float16, exact=False)
+    assert any(isinstance(entry[1], int8_linear.Int8LinearLaunch) for entry in layer.state._kept_launches.values())
+
+
+@pytest.mark.parametrize("K, N", [(4096, 4096), (8192, 28672)])
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+def test_decode_sizes_compile_and_match(device, launcher, reference, rng, K, N, threshold):
+    """The tile choices at real sizes (shared memory is checked only when a GPU compiles them)."""
+    if device != "cuda":
+        pytest.skip("real sizes only on a GPU (the interpreter does not check shared memory)")
+    CB, SCB = _weight(rng, N, K, device)
+    A = _activations(rng, (16, K), torch.float16, device, outlier_every=97 if threshold else 0) * 2
+    out, flags = launcher("int8_mixed_linear")(A, CB, SCB, None, threshold)
+    expected, expected_flags = reference("int8_mixed_linear")(A.cpu(), CB.cpu(), SCB.cpu(), None, threshold)
+    if threshold:
+        assert expected_flags.any() and torch.equal(flags.cpu(), expected_flags)
+    _assert_matches(out.cpu(), expected, torch.float16, exact=not threshold)

@@ -1,0 +1,97 @@
+"""LLM.int8() layers at decode sizes: host time per eager call and kernel time, beside bitsandbytes.
+
+For each weight shape (K x N), row count and outlier threshold this times, in one process on one
+GPU, ``tritonbits.nn.Linear8bitLt`` (inference: has_fp16_weights=False, fused int8_mixed_linear
+kernel for up to 16 rows), bitsandbytes' Linear8bitLt and fp16 ``torch.nn.Linear``: back-to-back
+eager calls (the rate the host issues them with the GPU kept busy) and a CUDA graph of the same
+calls (the kernels alone; "n/a" where the call cannot be captured, e.g. a host sync). Activations
+are float16 N(0, 1), so at threshold 6 outlier columns are rare: the path, not the outlier
+product, is timed. Run from the repository root: ``python tests/gpu/int8_decode.py [--out DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+from timing import eager_us, graph_us  # tests/gpu/timing.py (the script's folder is on sys.path)
+
+SHAPES = ((4096, 4096), (8192, 28672))  # K, N
+ROWS = (1, 16)
+THRESHOLDS = (0.0, 6.0)
+
+
+def _maybe(fn, timer):
+    try:
+        return timer(fn)
+    except Exception as error:  # capture refused (host sync) or the library failed
+        print(f"    ({type(error).__name__}: {str(error).splitlines()[0][:100]})")
+        return None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "out"))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA GPU: nothing to measure")
+        return 0
+    import triton
+
+    import tritonbits
+
+    try:
+        import bitsandbytes
+    except ImportError:
+        bitsandbytes = None
+    dev = torch.device("cuda")
+    rows_out = []
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for K, N in SHAPES:
+            dense = torch.nn.Linear(K, N, bias=True, dtype=torch.float16, device=dev)
+            for threshold in THRESHOLDS:
+                ours = tritonbits.nn.Linear8bitLt(K, N, has_fp16_weights=False, threshold=threshold)
+                ours.load_state_dict(dense.state_dict())
+                ours = ours.to(dev).eval()
+                layers = {"tritonbits": ours, "fp16 nn.Linear": dense}
+                if bitsandbytes is not None:
+                    theirs = bitsandbytes.nn.Linear8bitLt(K, N, has_fp16_weights=False, threshold=threshold)
+                    theirs.load_state_dict(dense.state_dict())
+                    layers["bitsandbytes"] = theirs.to(dev).eval()
+                inputs = {M: torch.randn(M, K, dtype=torch.float16, device=dev) for M in ROWS}
+                for M, x in inputs.items():
+                    for name, layer in layers.items():
+                        if name == "fp16 nn.Linear" and threshold:
+                            continue
+                        fn = (lambda layer, x: lambda: layer(x))(layer, x)
+                        # bitsandbytes finds outlier columns with a host sync, which graph capture
+                        # refuses (and a failed capture leaves the process unable to capture again).
+                        capturable = not (name == "bitsandbytes" and threshold)
+                        row = {"K": K, "N": N, "M": M, "threshold": threshold, "layer": name,
+                               "eager_us": _maybe(fn, eager_us),
+                               "graph_us": _maybe(fn, graph_us) if capturable else None}  # fmt: skip
+                        rows_out.append(row)
+                        fmt = lambda v: "     n/a" if v is None else f"{v:8.1f}"  # noqa: E731
+                        print(f"{K:>5}x{N:<6} M={M:<3} thr={threshold:<4} {name:<15} eager {fmt(row['eager_us'])} us"
+                              f"   kernel(s) {fmt(row['graph_us'])} us")  # fmt: skip
+    meta = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "bitsandbytes": getattr(bitsandbytes, "__version__", None),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "int8_decode.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows_out}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
