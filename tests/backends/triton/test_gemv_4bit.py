@@ -183,3 +183,27 @@ def test_kept_launch_declines_what_the_kernel_does_not_take(device, rng):
     assert state_gemv_launch(torch.randn(1, 100).to(device), packed, state) is None
     packed, state = F.quantize_4bit(torch.randn(16, 256, generator=rng).to(device))
     assert state_gemv_launch(torch.randn(64, 256).to(device), packed, state) is None  # too many rows
+
+
+def test_kept_launch_follows_a_weight_whose_storage_moves(device, launcher, rng):
+    """FSDP2 frees an unsharded weight's storage after forward and allocates it again before
+    backward: same tensor, new address. The launch is kept and reads the new address."""
+    from tritonbits.backends.triton.gemv_4bit import state_gemv_launch
+
+    packed, state = F.quantize_4bit(torch.randn(32, 256, generator=rng).to(device))
+    a = torch.randn(1, 256, generator=rng).to(device)
+    launch = state_gemv_launch(a, packed, state)
+    expected = launch.launch(a)
+    codes = packed.clone()
+    storage = packed.untyped_storage()
+    nbytes = storage.nbytes()
+    storage.resize_(0)
+    placeholder = torch.empty(nbytes, dtype=torch.uint8, device=device)  # the old address is likely taken
+    storage.resize_(nbytes)
+    # FSDP2 copies the gathered codes in with the version counter preserved
+    with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(packed):
+        packed.copy_(codes)
+    assert state_gemv_launch(a, packed, state) is launch
+    assert torch.equal(launch.launch(a), expected)
+    assert torch.equal(state_gemv_launch(a, packed, state).launch(a), _op_launch(launcher, a, packed, state))
+    del placeholder

@@ -58,10 +58,15 @@ def _quant_state_tensors(state: QuantState) -> list[torch.Tensor]:
     return tensors
 
 
-def _sources(B: torch.Tensor, tensors: list[torch.Tensor]) -> tuple[int, ...]:
-    """What a kept launch was built from, as ints: B's address and version, the other tensors'
-    ids and versions (the tensors are kept with the launch so that their ids stay theirs)."""
-    return (B.data_ptr(), B._version, *(id(t) for t in tensors), *(t._version for t in tensors))
+def _sources(B: torch.Tensor, tensors: list[torch.Tensor]) -> tuple:
+    """What a kept launch was built from: B's storage, view, alignment and version, and the other
+    tensors' ids and versions (the entry keeps B and the tensors, so these ids stay theirs).
+
+    B is known by its storage, not its address: FSDP2 frees an unsharded weight's storage after
+    forward and allocates it again before backward, so the same weight moves between calls. The
+    compiled launch reads the address at every call, and a 16-byte alignment change rebuilds."""
+    return (B.untyped_storage()._cdata, B.storage_offset(), B.shape, B.stride(), B.dtype, B.data_ptr() % 16,
+            B._version, *(id(t) for t in tensors), *(t._version for t in tensors))  # fmt: skip
 
 
 def kept_launch(holder, key: Hashable, B: torch.Tensor, build: Callable[[], Optional[KeptLaunch]],
@@ -75,6 +80,6 @@ def kept_launch(holder, key: Hashable, B: torch.Tensor, build: Callable[[], Opti
     sources = _sources(B, tensors)
     entry = launches.get(key)
     if entry is None or entry[0] != sources:
-        entry = (sources, build(), tensors)
+        entry = (sources, build(), [B, *tensors])
         launches[key] = entry
     return entry[1]
