@@ -79,6 +79,18 @@ def test_threshold_compares_in_float16(device, launcher, reference, rng):
     _assert_matches(out.cpu(), expected, torch.float16, exact=False)
 
 
+def test_outliers_in_one_k_tile_only(device, launcher, reference, rng):
+    # K = 1024 in 256-wide tiles: only the third holds outlier columns; the others skip them.
+    CB, SCB = _weight(rng, 64, 1024, device)
+    A = _activations(rng, (3, 1024), torch.bfloat16, device)
+    A[1, 700], A[2, 709] = 9.0, -12.0
+    out, flags = launcher("int8_mixed_linear")(A, CB, SCB, None, 6.0)
+    expected, expected_flags = reference("int8_mixed_linear")(A.cpu(), CB.cpu(), SCB.cpu(), None, 6.0)
+    assert expected_flags.nonzero().view(-1).tolist() == [700, 709]
+    assert torch.equal(flags.cpu(), expected_flags)
+    _assert_matches(out.cpu(), expected, torch.bfloat16, exact=False)
+
+
 def test_batch_dims_and_strided_rows(device, launcher, reference, rng):
     CB, SCB = _weight(rng, 40, 64, device)
     A = _activations(rng, (2, 3, 128), torch.float16, device)[..., ::2]  # every other column

@@ -8,13 +8,23 @@ columns of A holding an outlier are multiplied in A's dtype against CB's dequant
 added. Unfused that is 4-6 kernels, a host sync (the outlier columns are data-dependent) and
 ~200 us of host time per call, ten times what a 4096x4096 decode product takes on the GPU.
 
-For up to :data:`FUSED_ROWS` rows one kernel does all of it. Each program owns BLOCK_N outputs
-of every row (BLOCK_M = 16, the smallest int8 tensor-core tile) and reads A twice from L2
-(A is at most 16 x K): once for the row absmax, once to quantize each K tile in registers just
-before its ``tl.dot``. Outlier columns are found per K tile (any row's ``|x| >= threshold``); a
-tile holding one also runs a second ``tl.dot`` in A's dtype against that tile of CB dequantized
-(``CB * SCB / 127`` rounded to A's dtype, as the reference does). Program 0 writes the outlier
-flags [K] (bool), from which ``MatmulLtState.idx`` is derived when read: no host sync here.
+For up to :data:`FUSED_ROWS` rows three small launches, prepared once per weight and row count
+and kept on the layer's state, do all of it with no host sync:
+
+1. one program per K tile reads that tile of every row (A is at most 16 x K) and writes the rows'
+   partial absmax and, with a threshold, the outlier-column flags and whether the tile holds any;
+2. one program per K tile reduces the partial maxima and writes the tile's int8 codes, outlier
+   columns zeroed (the rows' stats from program 0);
+3. the product: each program owns BLOCK_N outputs of every row (BLOCK_M = 16, the smallest int8
+   tensor-core tile) and streams the codes and CB through ``tl.dot`` at the weight's bandwidth;
+   a K tile flagged as holding outlier columns also multiplies those columns of A in A's dtype
+   against that tile of CB dequantized (``CB * SCB / 127`` rounded to A's dtype, as the
+   reference does), so a call without outliers pays one scalar load per tile for them.
+
+A first version quantized A inside the product's K loop (one kernel): every program then redid
+that work and the row reductions, 102-110 us on 8192x28672 against 85 us for the product alone,
+and the per-tile outlier reductions made threshold 6.0 take 230 us. The flags [K] (bool) are
+returned; ``MatmulLtState.idx`` is derived from them when read.
 
 Bit-identity: without outlier columns the result equals the reference bit for bit (the int32
 product is exact; quantization and dequantization evaluate the reference's float32 expressions
@@ -50,64 +60,105 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def _load_a(a_rows, offs_k, row_ok, K, EVEN_K: tl.constexpr):
+def _load_a(a_ptr, offs_m, offs_k, M, K, stride_am, EVEN_K: tl.constexpr):
+    """A [BLOCK_M, CHUNK] tile in A's dtype; rows past M (and columns past K) read as 0."""
+    ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + offs_k[None, :]
     if EVEN_K:
-        return tl.load(a_rows + offs_k[None, :], mask=row_ok[:, None], other=0.0)
+        return tl.load(ptrs, mask=(offs_m < M)[:, None], other=0.0)
     else:
-        return tl.load(a_rows + offs_k[None, :], mask=row_ok[:, None] & (offs_k < K)[None, :], other=0.0)
+        return tl.load(ptrs, mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0.0)
+
+
+@triton.jit
+def _outlier_columns(x, threshold):
+    """int32 [CHUNK]: 1 where any row of the float16 values x [BLOCK_M, CHUNK] has |x| >= threshold."""
+    return tl.max((tl.abs(x) >= threshold).to(tl.int32), axis=0)
+
+
+@triton.jit
+def _absmax_chunks_kernel(
+    a_ptr, partial_ptr, flags_ptr, tile_flags_ptr, M, K, stride_am, threshold,
+    BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, OUTLIERS: tl.constexpr, EVEN_K: tl.constexpr,
+):  # fmt: skip
+    """One program per CHUNK columns of A (all rows): the rows' absmax over the chunk, outliers
+    left out, to ``partial`` [chunks, BLOCK_M]; with a threshold also the outlier-column flags
+    [K] and whether the chunk holds any ([chunks]; a chunk is one K tile of the product)."""
+    chunk = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_k = chunk * CHUNK + tl.arange(0, CHUNK)
+    x = _load_a(a_ptr, offs_m, offs_k, M, K, stride_am, EVEN_K).to(tl.float16).to(tl.float32)
+    tl.store(partial_ptr + chunk * BLOCK_M + offs_m, _chunk_absmax(x, threshold, OUTLIERS))
+    if OUTLIERS:
+        columns = _outlier_columns(x, threshold)
+        tl.store(flags_ptr + offs_k, columns.to(tl.uint8), mask=offs_k < K)
+        tl.store(tile_flags_ptr + chunk, tl.max(columns, axis=0))
+
+
+@triton.jit
+def _quantize_chunks_kernel(
+    a_ptr, partial_ptr, q_ptr, stats_ptr, M, K, stride_am, n_chunks, threshold,
+    BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, CHUNKS_POW2: tl.constexpr, OUTLIERS: tl.constexpr,
+    EVEN_K: tl.constexpr, INTERPRET: tl.constexpr,
+):  # fmt: skip
+    """One program per CHUNK columns: the rows' absmax from the partial maxima, then the chunk's
+    int8 codes ``round(x * 127 / absmax)`` with outlier columns 0, to q [M, K] (row stats [M]
+    written by program 0)."""
+    chunk = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    chunks = tl.arange(0, CHUNKS_POW2)
+    partial = tl.load(partial_ptr + chunks[:, None] * BLOCK_M + offs_m[None, :], mask=(chunks < n_chunks)[:, None],
+                      other=0.0)  # fmt: skip
+    absmax = tl.max(partial, axis=0)
+    offs_k = chunk * CHUNK + tl.arange(0, CHUNK)
+    x = _load_a(a_ptr, offs_m, offs_k, M, K, stride_am, EVEN_K).to(tl.float16).to(tl.float32)
+    if OUTLIERS:
+        x = tl.where(_outlier_columns(x, threshold)[None, :] != 0, 0.0, x)
+    q = round_half_even(x * _row_scale(absmax)[:, None], INTERPRET).to(tl.int8)
+    q_ptrs = q_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :]
+    tl.store(q_ptrs, q, mask=(offs_m < M)[:, None] & (offs_k < K)[None, :])
+    if chunk == 0:
+        tl.store(stats_ptr + offs_m, absmax, mask=offs_m < M)
 
 
 @triton.jit
 def _int8_linear_kernel(
-    a_ptr, cb_ptr, scb_ptr, bias_ptr, out_ptr, flags_ptr,
-    M, N, K, stride_am, stride_cbn, stride_om,
-    threshold, inv_127, inv_127_sq,
+    q_ptr, stats_ptr, cb_ptr, scb_ptr, bias_ptr, out_ptr, a_ptr, flags_ptr, tile_flags_ptr,
+    M, N, K, stride_cbn, stride_om, stride_am, inv_127, inv_127_sq,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, OUTLIERS: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
+    """BLOCK_N outputs of every row: the int8 product of the codes q [M, K] with CB [N, K],
+    dequantized (+ bias); K tiles flagged as holding outlier columns add those columns' product
+    in A's dtype."""
     pid_n = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
-    row_ok = offs_m < M
-    a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
-    ks = tl.arange(0, BLOCK_K)
-
-    # Row absmax of float16(A), outlier entries left out (the reference's row stats).
-    absmax = tl.zeros([BLOCK_M], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        x = _load_a(a_rows, k0 + ks, row_ok, K, EVEN_K).to(tl.float16).to(tl.float32)
-        absmax = tl.maximum(absmax, _chunk_absmax(x, threshold, OUTLIERS))
-    scale = _row_scale(absmax)
-
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
     cb_cols = cb_ptr + (offs_n % N).to(tl.int64)[None, :] * stride_cbn  # [BLOCK_K, BLOCK_N] view of CB
     scb = tl.load(scb_ptr + offs_n % N)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     outlier_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + ks
-        a = _load_a(a_rows, offs_k, row_ok, K, EVEN_K)
-        x = a.to(tl.float16).to(tl.float32)
-        if OUTLIERS:
-            column_flags = tl.max((tl.abs(x) >= threshold).to(tl.int32), axis=0)  # [BLOCK_K]
-            x = tl.where(column_flags[None, :] != 0, 0.0, x)
-        q = round_half_even(x * scale[:, None], INTERPRET).to(tl.int8)
+    for k_tile in range(0, tl.cdiv(K, BLOCK_K)):
+        offs_k = k_tile * BLOCK_K + ks
+        q = _load_a(q_ptr, offs_m, offs_k, M, K, K, EVEN_K)
         if EVEN_K:
             cb = tl.load(cb_cols + offs_k[:, None])
         else:
             cb = tl.load(cb_cols + offs_k[:, None], mask=(offs_k < K)[:, None], other=0)
         acc = tl.dot(q, cb, acc, out_dtype=tl.int32)
         if OUTLIERS:
-            if pid_n == 0:
-                tl.store(flags_ptr + offs_k, (column_flags != 0).to(tl.uint8), mask=offs_k < K)
-            if tl.max(column_flags, axis=0) > 0:
-                a_out = tl.where(column_flags[None, :] != 0, a, 0.0)
+            if tl.load(tile_flags_ptr + k_tile) != 0:
+                columns = tl.load(flags_ptr + offs_k, mask=offs_k < K, other=0)
+                a = _load_a(a_ptr, offs_m, offs_k, M, K, stride_am, EVEN_K)
+                a_out = tl.where(columns[None, :] != 0, a, 0.0)
                 w = cast_rtne((cb.to(tl.float32) * scb[None, :]) * inv_127, a_ptr.dtype.element_ty, INTERPRET)
                 # float32 operands: float16/bfloat16 values are exact in TF32, so the products are
                 # those of a 16-bit dot (whose bfloat16 form the interpreter gets wrong); float32 A
                 # needs IEEE products.
                 outlier_acc = tl.dot(a_out.to(tl.float32), w.to(tl.float32), outlier_acc, input_precision=DOT_PRECISION)
 
-    out = dequantize_values(acc, absmax, scb, bias_ptr, offs_n, N, inv_127_sq, HAS_BIAS, INTERPRET)
+    row_stats = tl.load(stats_ptr + offs_m, mask=offs_m < M, other=0.0)
+    out = dequantize_values(acc, row_stats, scb, bias_ptr, offs_n, N, inv_127_sq, HAS_BIAS, INTERPRET)
     out = cast_rtne(out, out_ptr.dtype.element_ty, INTERPRET)
     if OUTLIERS:
         # addmm: the rounded int8 result plus the outlier product in float32, rounded once.
@@ -117,49 +168,71 @@ def _int8_linear_kernel(
             total = libdevice.add_rn(out.to(tl.float32), outlier_acc)
         out = cast_rtne(total, out_ptr.dtype.element_ty, INTERPRET)
     out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-    tl.store(out_ptrs, out, mask=row_ok[:, None] & (offs_n < N)[None, :])
+    tl.store(out_ptrs, out, mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
 
-class Int8LinearLaunch(KeptLaunch):
-    """One configured launch of the fused kernel for a weight (CB, SCB), row count and dtype.
+class _Launch(KeptLaunch):
+    """A kept launch whose arguments are given per call (:meth:`KeptLaunch._run`)."""
+
+    def __call__(self, args: tuple, spec) -> None:
+        self._run(args, spec)
+
+
+class Int8LinearLaunch:
+    """The three configured kernel launches of one fused call for a weight (CB, SCB), row count
+    and dtype: the rows' partial absmax (and outlier columns), the int8 codes, the product.
 
     ``launch(A, bias)`` returns (output [..., N] in A's dtype, outlier flags bool [K] or None).
-    Kept on the ``MatmulLtState`` by :func:`state_int8_launch`: after the first launch the
-    compiled kernel is called directly (:class:`~.kept_launch.KeptLaunch`).
+    Kept on the ``MatmulLtState`` by :func:`state_int8_launch`: after the first call each kernel
+    is called through its compiled launcher (:class:`~.kept_launch.KeptLaunch`).
     """
 
     def __init__(self, rows: int, N: int, K: int, dtype: torch.dtype, device: torch.device, CB, SCB,
                  has_bias: bool, threshold: float) -> None:  # fmt: skip
         block_n = 128 if triton.cdiv(N, 128) >= int8_matmul._multiprocessors(device) else 64
-        # The outlier variant also holds a float32 [BLOCK_K, BLOCK_N] dequantized tile: 512-long
-        # K tiles then need more shared memory than an H100 has (262 KB of 227 KB at BLOCK_N 64).
-        block_k = max(32, min(128 if threshold > 0.0 else 512, triton.next_power_of_2(K)))
+        # The outlier variant also holds a float32 [BLOCK_K, BLOCK_N] dequantized tile: longer K
+        # tiles need more shared memory than an H100 has (262 KB of 227 KB at 512 x 64).
+        max_k = (256 if block_n == 64 else 128) if threshold > 0.0 else 512
+        block_k = max(32, min(max_k, triton.next_power_of_2(K)))
         self.rows, self.N, self.K, self.dtype, self.device = rows, N, K, dtype, device
         self.CB, self.SCB = CB, SCB
         self.outliers = threshold > 0.0
         # torch compares float16(A).abs() >= threshold in float16: the threshold rounds first.
         self.threshold = _threshold_in_dtype(threshold, torch.float16) if self.outliers else 0.0
-        constexprs = dict(
-            BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, HAS_BIAS=has_bias,
-            OUTLIERS=self.outliers, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", INTERPRET=interpreting(),
-        )  # fmt: skip
-        super().__init__(_int8_linear_kernel, (triton.cdiv(N, block_n),), constexprs, 4)
+        self.chunks = triton.cdiv(K, block_k)
+        even_k = K % block_k == 0
+        common = dict(BLOCK_M=16, CHUNK=block_k, OUTLIERS=self.outliers, EVEN_K=even_k)
+        self.absmax = _Launch(_absmax_chunks_kernel, (self.chunks,), common, 4)
+        self.quantize = _Launch(_quantize_chunks_kernel, (self.chunks,), dict(
+            common, CHUNKS_POW2=triton.next_power_of_2(self.chunks), INTERPRET=interpreting()), 4)  # fmt: skip
+        self.product = _Launch(_int8_linear_kernel, (triton.cdiv(N, block_n),), dict(
+            BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=even_k, HAS_BIAS=has_bias, OUTLIERS=self.outliers,
+            DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", INTERPRET=interpreting()), 4)  # fmt: skip
 
     def launch(self, A: torch.Tensor, bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        a2d = A.reshape(self.rows, self.K)
+        rows, N, K, device = self.rows, self.N, self.K, self.device
+        a2d = A.reshape(rows, K)
         if a2d.stride(1) != 1:
             a2d = a2d.contiguous()
-        out = torch.empty(self.rows, self.N, device=self.device, dtype=self.dtype)
-        flags = torch.empty(self.K, device=self.device, dtype=torch.bool) if self.outliers else None
+        partial = torch.empty(self.chunks, 16, device=device, dtype=torch.float32)
+        codes = torch.empty(rows, K, device=device, dtype=torch.int8)
+        stats = torch.empty(rows, device=device, dtype=torch.float32)
+        out = torch.empty(rows, N, device=device, dtype=self.dtype)
+        flags = tile_flags = None
+        if self.outliers:
+            flags = torch.empty(K, device=device, dtype=torch.bool)
+            tile_flags = torch.empty(self.chunks, device=device, dtype=torch.int32)
+        flag_bytes = flags.view(torch.uint8) if flags is not None else partial  # placeholders when unused
+        tile_flags = tile_flags if tile_flags is not None else partial
+        a_spec = (a2d.data_ptr() % 16 == 0, a2d.stride(0))
+        self.absmax((a2d, partial, flag_bytes, tile_flags, rows, K, a2d.stride(0), self.threshold), a_spec)
+        self.quantize((a2d, partial, codes, stats, rows, K, a2d.stride(0), self.chunks, self.threshold), a_spec)
         args = (
-            a2d, self.CB, self.SCB, bias if bias is not None else self.SCB, out,
-            flags.view(torch.uint8) if flags is not None else self.SCB,
-            self.rows, self.N, self.K, a2d.stride(0), self.CB.stride(0), out.stride(0),
-            self.threshold, reference._INV_127, reference._INV_127_SQUARED,
+            codes, stats, self.CB, self.SCB, bias if bias is not None else self.SCB, out, a2d, flag_bytes, tile_flags,
+            rows, N, K, self.CB.stride(0), out.stride(0), a2d.stride(0), reference._INV_127, reference._INV_127_SQUARED,
         )  # fmt: skip
-        spec = (a2d.data_ptr() % 16 == 0, a2d.stride(0), None if bias is None else bias.data_ptr() % 16 == 0)
-        self._run(args, spec)
-        return out.view(*A.shape[:-1], self.N), flags
+        self.product(args, (*a_spec, None if bias is None else bias.data_ptr() % 16 == 0))
+        return out.view(*A.shape[:-1], N), flags
 
 
 def _fused_launch(A, CB, SCB, bias, threshold: float) -> Optional[Int8LinearLaunch]:
