@@ -19,6 +19,10 @@ Timing (:func:`measure`):
 - CPU (``--quick`` in CI): ``time.perf_counter`` per call, median. These are wall-clock CPU
   numbers that only exercise the code path; they say nothing about GPU speed.
 
+CUDA graphs (cases with ``graph=True``, the decode sizes of the layer groups): the same calls are
+also captured in one graph and replayed (:func:`measure_graph`), which takes the host out; the
+result is ``graph_ms`` beside the eager ``ms``.
+
 Rotating inputs: when one call touches less than twice the L2 cache, the timed calls cycle over
 several copies of the arguments, so that each call finds its inputs in device memory, not in L2,
 as it would inside a model. Calls that move more than that use a single copy.
@@ -66,6 +70,8 @@ class Timed:
         backend: which code serves the call ("triton", "torch-ref", ...), when known.
         bytes: bytes this implementation moves per call when they differ from the case's (a bf16
             ``nn.Linear`` reads 4x the weight bytes of an NF4 layer); None: ``Case.bytes``.
+        not_capturable: why the call cannot run inside a CUDA graph (a host sync), when the case
+            asks for graph timing; None: it is captured.
     """
 
     fn: Callable[..., Any]
@@ -76,6 +82,7 @@ class Timed:
     max_replicas: int = MAX_REPLICAS
     backend: Optional[str] = None
     bytes: Optional[int] = None
+    not_capturable: Optional[str] = None
 
 
 @dataclass
@@ -95,6 +102,9 @@ class Case:
         target: the fraction of ``limit`` tritonbits must reach (the issue's floor), or None.
         provides: for ceiling cases, the key of ``Context.ceilings`` this case measures.
         info: extra facts recorded with the case (shape, blocksize, ...).
+        graph: also time the calls replayed from a CUDA graph (``graph_ms``): the kernels alone,
+            as a decode step captured by ``torch.compile(mode="reduce-overhead")`` runs them.
+            For decode sizes, where eager calls measure the host more than the GPU.
     """
 
     id: str
@@ -108,6 +118,7 @@ class Case:
     target: Optional[float] = None
     provides: Optional[str] = None
     info: dict = field(default_factory=dict)
+    graph: bool = False
 
 
 @dataclass
@@ -364,6 +375,35 @@ def measure(fn: Callable, arg_sets: list[tuple], ctx: Context, max_reps: int = 2
     return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), reps, n_sets, clock)
 
 
+def measure_graph(fn: Callable, arg_sets: list[tuple], ctx: Context, replays: int = 7) -> float:
+    """Median time per call (ms) of calls replayed from one CUDA graph: one call per argument set
+    (at least 8 calls, cycling over the sets), captured after warm-up calls on a side stream."""
+    calls = max(8, len(arg_sets))
+    stream = torch.cuda.Stream(ctx.device)
+    stream.wait_stream(torch.cuda.current_stream(ctx.device))
+    with torch.cuda.stream(stream):
+        for i in range(3):
+            fn(*arg_sets[i % len(arg_sets)])
+    torch.cuda.current_stream(ctx.device).wait_stream(stream)
+    torch.cuda.synchronize(ctx.device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(*arg_sets[i % len(arg_sets)])
+    graph.replay()
+    torch.cuda.synchronize(ctx.device)
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    del graph
+    return statistics.median(times)
+
+
 def _release(ctx: Context) -> None:
     """Give device memory back between implementations (a 1B-parameter optimizer holds 13+ GB).
 
@@ -403,11 +443,19 @@ def run_impl(case: Case, name: str, inputs, ctx: Context) -> dict:
         make = timed.replicate or (lambda: clone_args(timed.args))
         arg_sets = [timed.args] + [make() for _ in range(n - 1)]
         timing = measure(timed.fn, arg_sets, ctx)
-        del arg_sets
     except Exception as error:
         record["status"] = f"error: {_short(error)}"
         _release(ctx)
         return record
+    if case.graph and ctx.is_cuda:
+        if timed.not_capturable:
+            record["graph_status"] = f"not capturable: {timed.not_capturable}"
+        else:
+            try:
+                record["graph_ms"] = measure_graph(timed.fn, arg_sets, ctx)
+            except Exception as error:
+                record["graph_status"] = f"error: {_short(error)}"
+    del arg_sets
     record.update(status="ok", ms=timing.ms, ms_p20=timing.ms_p20, ms_p80=timing.ms_p80)
     record.update(reps=timing.reps, replicas=timing.replicas, clock=timing.clock)
     ceilings = {} if case.provides else ctx.ceilings  # a ceiling is not a fraction of another
@@ -482,6 +530,10 @@ def run_case(case: Case, ctx: Context, log: Callable[[str], None] = lambda line:
         record["bnb_over_ours"] = bnb["ms"] / ours["ms"]
     if ours.get("ms") and ref.get("ms"):
         record["torch_over_ours"] = ref["ms"] / ours["ms"]
+    if ours.get("graph_ms") and bnb.get("graph_ms"):
+        record["bnb_over_ours_graph"] = bnb["graph_ms"] / ours["graph_ms"]
+    if ours.get("graph_ms") and ref.get("graph_ms"):
+        record["torch_over_ours_graph"] = ref["graph_ms"] / ours["graph_ms"]
     if case.provides:
         provider = next((r for r in record["results"].values() if r.get("ms")), None)
         if provider is not None:
@@ -515,7 +567,7 @@ def format_line(record: dict, impl: Optional[str]) -> str:
     return f"{head} {result['ms']:9.4f} ms  " + " ".join(pairs)
 
 
-_LINE_SKIP = {"impl", "status", "ms", "ms_p20", "ms_p80", "reps", "replicas", "clock", "label", "bytes"}
+_LINE_SKIP = {"impl", "status", "ms", "ms_p20", "ms_p80", "reps", "replicas", "clock", "label", "bytes", "graph_status"}
 
 
 def run_cases(cases: Iterable[Case], ctx: Context, log: Callable[[str], None]) -> list[dict]:

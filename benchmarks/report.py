@@ -201,6 +201,7 @@ def render_markdown(doc: dict, chart: Optional[str] = None) -> str:
                 notes[f"{name}: {status}"] = None
         if case.get("status"):
             notes[f"{case['id']}: {case['status']}"] = None
+    lines += graph_table(doc)
     if notes:
         lines += ["", "Not measured (n/a, err):"] + [f"- {note}" for note in list(notes)[:12]]
         if len(notes) > 12:
@@ -208,6 +209,39 @@ def render_markdown(doc: dict, chart: Optional[str] = None) -> str:
     if chart:
         lines += ["", f"![fraction of the ceiling per case]({chart})"]
     return "\n".join(lines) + "\n"
+
+
+def _graph_ms(result: dict) -> str:
+    if result.get("graph_ms"):
+        return f"{result['graph_ms']:.4g}"
+    status = result.get("graph_status", "")
+    return "n/c" if status.startswith("not capturable") else ("err" if status else "")
+
+
+def graph_table(doc: dict) -> list[str]:
+    """Markdown lines of the cases also timed from a CUDA graph (none: no lines)."""
+    cases = [c for c in doc["cases"] if any("graph_ms" in r or "graph_status" in r for r in c.get("results", {}).values())]
+    if not cases:
+        return []
+    copy = doc["ceilings"].get("copy_GBps")
+    lines = [
+        "",
+        "The decode sizes again, replayed from a CUDA graph (kernel time, host taken out, as in a decode step "
+        "captured by `torch.compile(mode=\"reduce-overhead\")`; n/c: the call cannot be captured):",
+        "",
+        "| case | ours ms | bnb ms | torch ms | bnb/ours | torch/ours | ours % copy |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for case in cases:
+        results = case["results"]
+        ours, bnb, ref = (results.get(k, {}) for k in ("tritonbits", "bitsandbytes", "torch"))
+        moved = ours.get("bytes") or case.get("bytes")
+        pct = _pct(moved / (ours["graph_ms"] * 1e6) / copy) if moved and copy and ours.get("graph_ms") else ""
+        lines.append(
+            f"| {case['id']} | {_graph_ms(ours)} | {_graph_ms(bnb)} | {_graph_ms(ref)} "
+            f"| {_ratio(case.get('bnb_over_ours_graph'))} | {_ratio(case.get('torch_over_ours_graph'))} | {pct} |"
+        )
+    return lines
 
 
 def render_console(doc: dict) -> str:

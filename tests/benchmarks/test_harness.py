@@ -150,6 +150,29 @@ def test_full_size_cases_match_the_issue():
     lin = cases["lin4.linear4bit.nf4.bs64.M1.K8192.N28672.bf16"]
     assert lin.bytes == 8192 * 28672 // 2 + 4 * 8192 * 28672 // 64 and lin.limit == "copy"
     assert cases["optim.adamw8bit.16x4096x16384.fp32"].info["params"] == 16 * 4096 * 16384
+    # decode sizes (up to 16 rows) of the layer groups are also timed from a CUDA graph
+    graphed = sorted(c.id for c in cases.values() if c.graph)
+    assert len(graphed) == 5 * 3 + 2 * 2 * 2 and all(".M1." in i or ".M4." in i or ".M16." in i for i in graphed)
+
+
+def test_graph_timing_is_recorded_and_rendered():
+    """On the CPU nothing is captured; a GPU record with graph times renders a second table."""
+    ctx = quick_ctx(ceilings={"copy_GBps": 1000.0})
+    case = Case(id="test.graph", group="test", title="t", setup=lambda: torch.ones(8), bytes=4e6, graph=True,
+                impls={"torch": lambda x: Timed(fn=torch.neg, args=(x,))})  # fmt: skip
+    record = harness.run_case(case, ctx)
+    assert "graph_ms" not in record["results"]["torch"] and "graph_status" not in record["results"]["torch"]
+    results = {
+        "tritonbits": {"status": "ok", "ms": 0.09, "graph_ms": 0.01},
+        "bitsandbytes": {"status": "ok", "ms": 0.2, "graph_status": "not capturable: host sync for outlier columns"},
+        "torch": {"status": "ok", "ms": 0.03, "graph_ms": 0.012},
+    }
+    doc = {"cases": [{"id": "lin8.x", "group": "lin8", "bytes": 4_000_000, "results": results,
+                      "torch_over_ours_graph": 1.2}], "ceilings": {"copy_GBps": 1000.0}}  # fmt: skip
+    lines = report.graph_table(doc)
+    assert lines[-1] == "| lin8.x | 0.01 | n/c | 0.012 |  | 1.20x | 40% |"
+    assert report.graph_table({"cases": [{"id": "a", "group": "g", "results": {"torch": {"ms": 1}}}],
+                               "ceilings": {}}) == []  # fmt: skip
 
 
 def test_unknown_group_is_refused():

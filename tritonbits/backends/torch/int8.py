@@ -8,7 +8,6 @@ column holding one is reported so that it can be multiplied in 16-bit instead.
 
 from __future__ import annotations
 
-import sys
 from typing import Optional
 
 import torch
@@ -97,32 +96,25 @@ def int8_scaled_mm(A, B, row_stats, col_stats, bias=None, dtype: Optional[torch.
     return int8_mm_dequant(int8_linear_matmul(A, B), row_stats, col_stats, dtype, bias)
 
 
-def mixed_linear(A, CB, SCB, bias, threshold: float, ops) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """LLM.int8()'s forward from the ops in module ``ops`` (this one, or the Triton launchers).
-
-    A is cast to float16 and quantized row-wise; the int8 product with CB is dequantized (+ bias)
-    in A's dtype; with a threshold, A's outlier columns are multiplied in A's dtype against the
-    dequantized columns of CB and added (``addmm``), as bitsandbytes' ``MatMul8bitLt`` does.
-    """
-    K = A.shape[-1]
-    A2d = A.reshape(-1, K)
-    CA, SCA, outlier_cols = ops.int8_vectorwise_quant(A2d.to(torch.float16), threshold)
-    out = ops.int8_scaled_mm(CA, CB, SCA, SCB, bias=bias, dtype=A.dtype)
-    flags = None
-    if threshold > 0.0:
-        flags = torch.zeros(K, dtype=torch.bool, device=A.device)
-        flags[outlier_cols] = True
-        if outlier_cols.numel():
-            subB = ops.int8_vectorwise_dequant(CB[:, outlier_cols].contiguous(), SCB).to(A.dtype)
-            out = out.addmm(A2d[:, outlier_cols], subB.t())
-    return out.view(*A.shape[:-1], CB.shape[0]), flags
-
-
 @register_reference("int8_mixed_linear")
 def int8_mixed_linear(A, CB, SCB, bias=None, threshold: float = 0.0):
     """LLM.int8() inference forward ``A @ dequant(CB).T + bias`` with outlier columns in A's dtype.
 
     A [..., K] float; CB int8 [N, K]; SCB float32 [N] row absmax of the weight; bias [N] or None.
+    As bitsandbytes' ``MatMul8bitLt``: A is cast to float16 and quantized row-wise; the int8
+    product with CB is dequantized (+ bias) in A's dtype; with a threshold, A's outlier columns
+    are multiplied in A's dtype against the dequantized columns of CB and added (``addmm``).
     Returns (output [..., N] in A's dtype, bool [K] outlier-column flags, None without threshold).
     """
-    return mixed_linear(A, CB, SCB, bias, threshold, sys.modules[__name__])
+    K = A.shape[-1]
+    A2d = A.reshape(-1, K)
+    CA, SCA, outlier_cols = int8_vectorwise_quant(A2d.to(torch.float16), threshold)
+    out = int8_scaled_mm(CA, CB, SCA, SCB, bias=bias, dtype=A.dtype)
+    flags = None
+    if threshold > 0.0:
+        flags = torch.zeros(K, dtype=torch.bool, device=A.device)
+        flags[outlier_cols] = True
+        if outlier_cols.numel():
+            subB = int8_vectorwise_dequant(CB[:, outlier_cols].contiguous(), SCB).to(A.dtype)
+            out = out.addmm(A2d[:, outlier_cols], subB.t())
+    return out.view(*A.shape[:-1], CB.shape[0]), flags

@@ -137,30 +137,36 @@ def int8_vectorwise_quant(A: torch.Tensor, threshold: float = 0.0):
     if A.numel() == 0:
         return reference.int8_vectorwise_quant(A, threshold)
     cols = A.shape[-1]
-    rows = A.numel() // cols
-    A2d = A.contiguous().view(rows, cols)
-    out = torch.empty((rows, cols), dtype=torch.int8, device=A.device)
-    stats = torch.empty(rows, dtype=torch.float32, device=A.device)
+    A2d = A.contiguous().view(A.numel() // cols, cols)
+    col_flags = outlier_column_flags(A2d, threshold)
+    out, stats = quantize_rows(A2d, col_flags, threshold)
+    outlier_cols = None if col_flags is None else torch.argwhere(col_flags).view(-1)
+    return out.view(A.shape), stats, outlier_cols
 
+
+def outlier_column_flags(A2d: torch.Tensor, threshold: float):
+    """bool [cols]: the columns of A2d [rows, cols] holding any ``|x| >= threshold``; None at 0."""
+    return (A2d.abs() >= threshold).any(dim=0) if threshold > 0.0 else None
+
+
+def quantize_rows(A2d: torch.Tensor, col_flags, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contiguous A2d [rows, cols] -> (int8 codes [rows, cols], float32 row stats [rows]), outlier
+    entries left out of the stats and 0, and with more than one row the flagged columns 0 too."""
+    rows, cols = A2d.shape
+    out = torch.empty((rows, cols), dtype=torch.int8, device=A2d.device)
+    stats = torch.empty(rows, dtype=torch.float32, device=A2d.device)
     has_threshold = threshold > 0.0
-    outlier_cols = None
-    col_flags = stats  # placeholder pointer, never read without a threshold
-    if has_threshold:
-        col_flags = (A2d.abs() >= threshold).any(dim=0)
-        outlier_cols = torch.argwhere(col_flags).view(-1)
-        col_flags = col_flags.view(torch.uint8)
-
     block_cols = min(triton.next_power_of_2(cols), _MAX_COLS)
     block_rows = min(max(1, _TILE // block_cols), triton.next_power_of_2(rows))
     grid = (triton.cdiv(rows, block_rows),)
     _int8_vectorwise_quant_kernel[grid](
         A2d,
-        col_flags,
+        col_flags.view(torch.uint8) if has_threshold else stats,  # placeholder pointer without a threshold
         out,
         stats,
         rows,
         cols,
-        _threshold_in_dtype(threshold, A.dtype) if has_threshold else 0.0,
+        _threshold_in_dtype(threshold, A2d.dtype) if has_threshold else 0.0,
         BLOCK_ROWS=block_rows,
         BLOCK_COLS=block_cols,
         COL_CHUNKS=triton.cdiv(cols, block_cols),
@@ -169,7 +175,7 @@ def int8_vectorwise_quant(A: torch.Tensor, threshold: float = 0.0):
         INTERPRET=interpreting(),
         num_warps=8 if block_rows * block_cols >= 8192 else 4,
     )
-    return out.view(A.shape), stats, outlier_cols
+    return out, stats
 
 
 def int8_vectorwise_dequant(A: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:

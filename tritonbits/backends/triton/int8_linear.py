@@ -32,13 +32,13 @@ in its order). The outlier product is accumulated in float32 in another order th
 ``addmm`` and then added to the rounded int8 result in float32 and rounded once, as ``addmm``
 does: within one rounding of A's dtype of the reference.
 
-More rows, and shapes the kernel does not take, run the unfused composition on the Triton
-kernels of the parts.
+More rows, and shapes the kernels do not take, run the unfused composition on the Triton
+kernels of the parts; with a threshold the outlier columns' indices must reach the host, and
+the wait for them is placed after the product's launch (:func:`_unfused`).
 """
 
 from __future__ import annotations
 
-import types
 from typing import Optional
 
 import torch
@@ -253,12 +253,34 @@ def _fused_launch(A, CB, SCB, bias, threshold: float) -> Optional[Int8LinearLaun
     return Int8LinearLaunch(rows, N, K, A.dtype, A.device, CB, SCB, bias is not None, threshold)
 
 
-# The unfused composition on this backend's kernels (for more rows than the fused kernel takes).
-_TRITON_PARTS = types.SimpleNamespace(
-    int8_vectorwise_quant=int8_quant.int8_vectorwise_quant,
-    int8_vectorwise_dequant=int8_quant.int8_vectorwise_dequant,
-    int8_scaled_mm=int8_matmul.int8_scaled_mm,
-)
+def _unfused(A, CB, SCB, bias, threshold: float):
+    """The reference composition on this backend's kernels, for more rows than the fused kernels
+    take. The outlier columns' indices need the host: their flags are copied to host memory
+    first, and the quantize and product kernels are queued before waiting for the copy, so the
+    wait overlaps the product instead of delaying its launch."""
+    K = A.shape[-1]
+    A2d = A.reshape(-1, K)
+    A16 = A2d.to(torch.float16).contiguous()
+    flags = int8_quant.outlier_column_flags(A16, threshold)
+    ready = host_flags = None
+    if flags is not None:
+        host_flags = flags
+        if flags.is_cuda:
+            host_flags = torch.empty(K, dtype=torch.bool, pin_memory=True)
+            host_flags.copy_(flags, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+    CA, SCA = int8_quant.quantize_rows(A16, flags, threshold)
+    out = int8_matmul.int8_scaled_mm(CA, CB, SCA, SCB, bias=bias, dtype=A.dtype)
+    if flags is not None:
+        if ready is not None:
+            ready.synchronize()
+        columns = torch.argwhere(host_flags).view(-1)
+        if columns.numel():
+            columns = columns.to(A.device, non_blocking=True)
+            subB = int8_quant.int8_vectorwise_dequant(CB[:, columns].contiguous(), SCB).to(A.dtype)
+            out = out.addmm(A2d[:, columns], subB.t())
+    return out.view(*A.shape[:-1], CB.shape[0]), flags
 
 
 def int8_mixed_linear(A, CB, SCB, bias=None, threshold: float = 0.0):
@@ -267,10 +289,12 @@ def int8_mixed_linear(A, CB, SCB, bias=None, threshold: float = 0.0):
     A [..., K] float; CB int8 [N, K]; SCB float32 [N]; bias [N] or None. Returns (output [..., N]
     in A's dtype, bool [K] outlier-column flags or None when ``threshold`` is 0).
     """
-    launch = _fused_launch(A, CB, SCB, bias, threshold) if A.numel() else None
+    if A.numel() == 0 or CB.shape[0] == 0:
+        return reference.int8_mixed_linear(A, CB, SCB, bias, threshold)
+    launch = _fused_launch(A, CB, SCB, bias, threshold)
     if launch is not None:
         return launch.launch(A, bias)
-    return reference.mixed_linear(A, CB, SCB, bias, threshold, _TRITON_PARTS)
+    return _unfused(A, CB, SCB, bias, threshold)
 
 
 def state_int8_launch(A: torch.Tensor, state, bias: Optional[torch.Tensor]) -> Optional[Int8LinearLaunch]:
