@@ -443,3 +443,24 @@ def test_tritonbits_exposes_layers_and_matmul_4bit():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Linear4bit(64, 32)  # building warns about nothing
+
+
+def _state_tensors(state):
+    return [state.absmax, state.code, state.offset, state.state2.absmax, state.state2.code]
+
+
+def test_cpu_quant_state_is_not_marked_for_compile(rng):
+    layer = Linear4bit(64, 32, compress_statistics=True).cpu()
+    layer.weight.quantize_()
+    assert not any(hasattr(t, "_dynamo_static_input_type") for t in _state_tensors(layer.weight.quant_state))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_quant_state_is_static_under_compile(rng):
+    """CUDA graphs of a compiled model must not copy the quant state into their inputs on every
+    replay: its tensors are static addresses, as parameters are, also after moving back and forth."""
+    layer = Linear4bit(64, 32, compress_statistics=True).cuda()
+    for _ in range(2):
+        tensors = _state_tensors(layer.weight.quant_state)
+        assert all(getattr(t, "_dynamo_static_input_type", None) == "unguarded" for t in tensors)
+        layer = layer.cpu().cuda()
