@@ -11,15 +11,11 @@ product, is timed. Run from the repository root: ``python tests/gpu/int8_decode.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
-import time
 
 import torch
 
-from timing import eager_us, graph_us  # tests/gpu/timing.py (the script's folder is on sys.path)
+from timing import eager_us, graph_us, peer_bitsandbytes, script_args, write_json  # tests/gpu/timing.py (the script's folder is on sys.path)
 
 SHAPES = ((4096, 4096), (8192, 28672))  # K, N
 ROWS = (1, 16)
@@ -35,20 +31,12 @@ def _maybe(fn, timer):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.environ.get("OUT", "out"))
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("no CUDA GPU: nothing to measure")
+    args = script_args(__doc__.splitlines()[0])
+    if args is None:
         return 0
-    import triton
-
     import tritonbits
 
-    try:
-        import bitsandbytes
-    except ImportError:
-        bitsandbytes = None
+    bitsandbytes = peer_bitsandbytes()
     dev = torch.device("cuda")
     rows_out = []
     torch.manual_seed(0)
@@ -80,16 +68,7 @@ def main() -> int:
                         fmt = lambda v: "     n/a" if v is None else f"{v:8.1f}"  # noqa: E731
                         print(f"{K:>5}x{N:<6} M={M:<3} thr={threshold:<4} {name:<15} eager {fmt(row['eager_us'])} us"
                               f"   kernel(s) {fmt(row['graph_us'])} us")  # fmt: skip
-    meta = {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "bitsandbytes": getattr(bitsandbytes, "__version__", None),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "int8_decode.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows_out}, f, indent=1)
+    write_json(args.out, "int8_decode.json", rows=rows_out)
     return 0
 
 

@@ -17,34 +17,24 @@ repository root: ``python tests/gpu/launch_overhead.py [--out DIR]`` (prints a t
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
-import time
 
 import torch
 
-from timing import eager_us, graph_us  # tests/gpu/timing.py (the script's folder is on sys.path)
+from timing import eager_us, graph_us, peer_bitsandbytes, script_args, write_json  # tests/gpu/timing.py (the script's folder is on sys.path)
 
 SHAPES = ((4096, 4096), (8192, 28672))  # K, N
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.environ.get("OUT", "out"))
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("no CUDA GPU: nothing to measure")
+    args = script_args(__doc__.splitlines()[0])
+    if args is None:
         return 0
     import tritonbits
     from tritonbits import functional as F
     from tritonbits.backends.triton.gemv_4bit import state_gemv_launch
 
-    try:
-        import bitsandbytes
-    except ImportError:
-        bitsandbytes = None
+    bitsandbytes = peer_bitsandbytes()
     dev = torch.device("cuda")
     rows = []
     ok = True
@@ -79,18 +69,7 @@ def main() -> int:
                 rows.append(row)
                 print(f"{K:>6}x{N:<6} {name:<20} eager {row['eager_us']:8.1f} us   kernel(s) {row['graph_us']:8.1f} us")
             print(f"{K}x{N}: prepared launch identical to the op: {same}")
-    import triton
-
-    meta = {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "bitsandbytes": getattr(bitsandbytes, "__version__", None),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "launch_overhead.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows, "identical": ok}, f, indent=1)
+    write_json(args.out, "launch_overhead.json", rows=rows, identical=ok)
     return 0 if ok else 1
 
 

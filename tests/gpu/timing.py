@@ -45,3 +45,47 @@ def eager_us(fn, calls: int = 2000, warmup: int = 50) -> float:
         fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - start) / calls * 1e6
+
+
+def script_args(description: str):
+    """The ``--out`` argument of a GPU script (default $OUT or ./out), or None without a CUDA GPU
+    (then the script has nothing to measure)."""
+    import argparse
+    import os
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", default=os.environ.get("OUT", "out"))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA GPU: nothing to measure")
+        return None
+    return args
+
+
+def peer_bitsandbytes():
+    """The bitsandbytes module, or None where it is not installed."""
+    try:
+        import bitsandbytes
+    except ImportError:
+        return None
+    return bitsandbytes
+
+
+def write_json(out_dir: str, name: str, **content) -> None:
+    """``out_dir/name`` with the GPU, versions and date under "meta", then ``content``."""
+    import json
+    import os
+
+    import triton
+
+    bitsandbytes = peer_bitsandbytes()
+    meta = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "bitsandbytes": getattr(bitsandbytes, "__version__", None),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, name), "w") as f:
+        json.dump({"meta": meta, **content}, f, indent=1)

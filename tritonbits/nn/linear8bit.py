@@ -122,6 +122,12 @@ def _check_weight_format(state_dict, prefix, local_metadata, strict, missing_key
         raise ValueError(f"Only 'row' weight format is supported, got {weight_format}")
 
 
+def _same_tensor(a: Tensor, b: Tensor) -> bool:
+    """Whether a and b view the same bytes the same way (then ``a.data = b`` would change nothing)."""
+    return (a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape
+            and a.stride() == b.stride())  # fmt: skip
+
+
 class Linear8bitLt(nn.Linear):
     """``nn.Linear`` computed with LLM.int8() (bitsandbytes' ``Linear8bitLt``).
 
@@ -256,6 +262,7 @@ class Linear8bitLt(nn.Linear):
         if self.bias is not None and self.bias.dtype != x.dtype:
             self.bias.data = self.bias.data.to(x.dtype)
         out = matmul(x, self.weight, bias=self.bias, state=self.state)
-        if not self.state.has_fp16_weights and self.state.CB is not None:
-            self.weight.data = self.state.CB
+        CB = self.state.CB
+        if not self.state.has_fp16_weights and CB is not None and not _same_tensor(self.weight, CB):
+            self.weight.data = CB
         return out
