@@ -5,7 +5,8 @@ kernels of its linear layers predict. This builds the same model (random weights
 ``tritonbits.quantize_model``, or bf16 / bitsandbytes), warms up ``generate`` with the static
 cache (transformers compiles the forward with CUDA graphs), then profiles one call and prints the
 GPU kernels by total time, per generated token, and the wall time per token. Run from the
-repository root: ``python tests/gpu/profile_decode.py [--variant tritonbits|bf16|bitsandbytes]``.
+repository root: ``python tests/gpu/profile_decode.py [--variant tritonbits|bf16|bitsandbytes]``;
+``--host`` profiles the host side of the call instead (cProfile).
 """
 
 from __future__ import annotations
@@ -21,12 +22,29 @@ sys.path.insert(0, os.getcwd())
 from benchmarks import e2e  # noqa: E402
 
 
+def _profile_host(model, input_ids, kwargs) -> None:
+    """Where the host's time per token goes: Python functions (and the C calls they make, such as
+    a compiled frame's guard check) by own time and by cumulative time, for one generate call."""
+    import cProfile
+    import pstats
+
+    profile = cProfile.Profile()
+    profile.enable()
+    e2e.timed_generate(model, input_ids, kwargs)
+    profile.disable()
+    stats = pstats.Stats(profile)
+    stats.sort_stats("tottime").print_stats(30)
+    stats.sort_stats("cumulative").print_stats(30)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", default="tritonbits", choices=("tritonbits", "bf16", "bitsandbytes"))
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--layers", type=int, default=None, help="default: all 32")
+    parser.add_argument("--host", action="store_true",
+                        help="profile the host instead: cProfile of one generate call, functions by own time")  # fmt: skip
     args = parser.parse_args()
     device = torch.device("cuda")
     model = e2e.build_model(e2e.llama_config(e2e.LLAMA3_8B, args.layers), device, seed=0)
@@ -42,6 +60,9 @@ def main() -> None:
     seconds, _ = e2e.timed_generate(model, input_ids, kwargs)
     per_token = 1e3 * seconds / args.new_tokens
     print(f"{args.variant} batch {args.batch}: {per_token:.2f} ms a token (wall, prefill included)")
+    if args.host:
+        _profile_host(model, input_ids, kwargs)
+        return
     activities = [torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]
     with torch.profiler.profile(activities=activities) as prof:
         start = time.perf_counter()
