@@ -103,3 +103,31 @@ def test_opcheck(rng):
     ]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("threshold", [0.0, 3.0])
+def test_linear8bitlt_compiles_without_graph_breaks(rng, threshold):
+    """LLM.int8() with outlier columns traces as one graph: the op returns outlier flags of static
+    shape, and ``state.idx`` is derived from them when read (no data-dependent shapes, no sync)."""
+    import tritonbits as bnb
+
+    dense = torch.nn.Linear(64, 32).half()
+    layer = bnb.nn.Linear8bitLt(64, 32, has_fp16_weights=False, threshold=threshold)
+    layer.load_state_dict(dense.state_dict())
+    layer = layer.cpu().eval()
+    x = torch.randn(4, 64, generator=rng).half()
+    x[:, 5] *= 10  # column 5 crosses the threshold
+    with torch.no_grad():
+        expected = layer(x)
+        assert torch.equal(compiled(layer)(x), expected)
+    if threshold:
+        columns = torch.argwhere((x.abs() >= threshold).any(dim=0)).view(-1)
+        assert 5 in columns.tolist() and torch.equal(layer.state.idx, columns)
+    # with the input's gradient (LoRA on a frozen 8-bit base): through the autograd Function
+    x_grad = x.clone().requires_grad_(True)
+    out = compiled(layer)(x_grad)
+    assert torch.equal(out.detach(), expected)
+    out.float().sum().backward()
+    reference = x.clone().requires_grad_(True)
+    layer(reference).float().sum().backward()
+    assert torch.equal(x_grad.grad, reference.grad)

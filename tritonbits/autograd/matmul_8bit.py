@@ -90,9 +90,9 @@ class MatmulLtState:
 
     def note_outlier_flags(self, flags: Tensor) -> None:
         """Record the last input's outlier columns as bool flags [K]; ``idx`` is derived from them
-        when read, so that the forward needs no host sync for it."""
-        self.__dict__.pop("_idx", None)
-        self.__dict__["_outlier_flags"] = flags
+        when read, so that the forward needs no host sync for it (and traces without one)."""
+        self._idx = None
+        self._outlier_flags = flags
 
     def reset_grads(self) -> None:
         """Forget the quantized weight so that the next forward quantizes B again."""
@@ -104,15 +104,16 @@ class MatmulLtState:
 
 
 def _get_idx(state: MatmulLtState) -> Optional[Tensor]:
-    flags = state.__dict__.pop("_outlier_flags", None)
+    flags = getattr(state, "_outlier_flags", None)
     if flags is not None:
-        state.__dict__["_idx"] = torch.argwhere(flags).view(-1)
-    return state.__dict__.get("_idx")
+        state._idx = torch.argwhere(flags).view(-1)
+        state._outlier_flags = None
+    return getattr(state, "_idx", None)
 
 
 def _set_idx(state: MatmulLtState, value: Optional[Tensor]) -> None:
-    state.__dict__.pop("_outlier_flags", None)
-    state.__dict__["_idx"] = value
+    state._outlier_flags = None
+    state._idx = value
 
 
 # ``idx`` stays a dataclass field (constructor argument, ==, repr) read and written through this.
@@ -229,7 +230,7 @@ class MatMul8bitLt(torch.autograd.Function):
         ctx.dtype_A = A.dtype
         ctx.dtype_B = B.dtype
         ctx.dtype_bias = None if bias is None else bias.dtype
-        if not ctx.needs_input_grad[1] and not torch.compiler.is_compiling():
+        if not ctx.needs_input_grad[1]:
             # Nothing saved for B's gradient: the fused inference op (outlier columns as flags).
             _warn_float16_cast(A, stacklevel=3)
             _quantize_weight(state, B)
@@ -374,7 +375,7 @@ def matmul(
         state.threshold = threshold
     if state.is_training and A.device.type in _DEQUANTIZED_TRAINING_DEVICES:
         result = MatMul8bitFp.apply(A, B, out, bias, state)
-    elif A.numel() and not _needs_autograd(A, B, bias) and not torch.compiler.is_compiling():
+    elif A.numel() and not _needs_autograd(A, B, bias):
         # No gradient to compute (inference): skip the autograd Function and its host time.
         _warn_float16_cast(A, stacklevel=2)
         _quantize_weight(state, B)

@@ -263,6 +263,9 @@ class Linear8bitLt(nn.Linear):
             self.bias.data = self.bias.data.to(x.dtype)
         out = matmul(x, self.weight, bias=self.bias, state=self.state)
         CB = self.state.CB
-        if not self.state.has_fp16_weights and CB is not None and not _same_tensor(self.weight, CB):
+        # (Traced, the weight is left alone: it already holds CB unless a requantization, which
+        # only has_fp16_weights=True does, replaced it.)
+        if (not self.state.has_fp16_weights and CB is not None and not torch.compiler.is_compiling()
+                and not _same_tensor(self.weight, CB)):  # fmt: skip
             self.weight.data = CB
         return out

@@ -182,3 +182,46 @@ def test_decode_sizes_compile_and_match(device, launcher, reference, rng, K, N, 
     if threshold:
         assert expected_flags.any() and torch.equal(flags.cpu(), expected_flags)
     _assert_matches(out.cpu(), expected, torch.float16, exact=not threshold)
+
+
+def test_more_rows_while_capturing_a_cuda_graph_need_no_host_sync(device, launcher, reference, rng, monkeypatch):
+    """Over 16 rows with a threshold the outlier columns' indices need the host; while a CUDA
+    graph is captured the outlier product runs over every column instead (same values)."""
+    from tritonbits.backends.triton import int8_linear
+
+    monkeypatch.setattr(int8_linear, "_capturing", lambda A: True)
+    monkeypatch.setattr(torch, "argwhere", lambda *a, **k: pytest.fail("host sync while capturing"))
+    CB, SCB = _weight(rng, 48, 256, device)
+    A = _activations(rng, (40, 256), torch.float16, device, outlier_every=11)
+    bias = torch.randn(48, generator=rng).half().to(device)
+    out, flags = launcher("int8_mixed_linear")(A, CB, SCB, bias, 3.0)
+    monkeypatch.undo()
+    expected, expected_flags = reference("int8_mixed_linear")(A.cpu(), CB.cpu(), SCB.cpu(), bias.cpu(), 3.0)
+    assert expected_flags.any() and torch.equal(flags.cpu(), expected_flags)
+    _assert_matches(out.cpu(), expected, torch.float16, exact=False)
+
+
+@pytest.mark.parametrize("rows", [1, 40])
+def test_linear8bitlt_with_threshold_replays_from_a_cuda_graph(device, rng, rows):
+    import tritonbits as bnb
+
+    if device != "cuda":
+        pytest.skip("CUDA graphs need a GPU")
+    dense = torch.nn.Linear(256, 64).half()
+    layer = bnb.nn.Linear8bitLt(256, 64, has_fp16_weights=False, threshold=3.0)
+    layer.load_state_dict(dense.state_dict())
+    layer = layer.to(device).eval()
+    x = _activations(rng, (rows, 256), torch.float16, device, outlier_every=13)
+    with torch.no_grad():
+        expected = layer(x)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            layer(x)  # warm-up: compile the kernels, keep the launch
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = layer(x)
+        graph.replay()
+        torch.cuda.synchronize()
+    _assert_matches(captured.cpu(), expected.cpu(), torch.float16, exact=rows <= 16)
