@@ -578,20 +578,22 @@ class _StatefulOptimizer(Optimizer8bit):
 
 
     # -- multi-tensor stepping (Triton) --------------------------------------------------------
-    # Parameters whose update is the plain rule (no paging, percentile clipping, trust ratio or
-    # DTensor) are grouped by state width, dtype, device and hyperparameters; each group is
-    # updated by one launch of the Triton multi-tensor kernels (large tensors still get their
-    # own launch there). Same results as update_step: the same kernels, per parameter.
+    # Parameters whose update is the plain rule (no paging, percentile clipping or trust ratio)
+    # are grouped by state width, dtype, device and hyperparameters; each group is updated by one
+    # launch of the Triton multi-tensor kernels (large tensors still get their own launch there).
+    # DTensor parameters (FSDP2) take part through their local shards, as in update_step. Same
+    # results as update_step: the same kernels, per parameter.
 
     def _batchable(self, p) -> bool:
         if type(self).update_step is not _StatefulOptimizer.update_step or self.is_paged:
             return False
-        state, grad = self.state[p], p.grad
-        if "gnorm_vec" in state or "unorm_vec" in state or _local(p) is not p or _local(grad) is not grad:
+        state = self.state[p]
+        if "gnorm_vec" in state or "unorm_vec" in state:
             return False
-        if grad.dtype != p.dtype or not p.is_contiguous() or not grad.is_contiguous():
+        local, grad = _local(p), _local(p.grad)
+        if grad.dtype != local.dtype or not local.is_contiguous() or not grad.is_contiguous() or local.numel() == 0:
             return False
-        return _multi_tensor_kernels(p.device) is not None
+        return _multi_tensor_kernels(local.device) is not None
 
     @torch.no_grad()
     def _update_batched(self, group, gindex, batched):
@@ -612,8 +614,8 @@ class _StatefulOptimizer(Optimizer8bit):
             kernels = _multi_tensor_kernels(device)
             states = [self.state[p] for p in params]
             eps, lr, weight_decay = hyper
-            lists = dict(gs=[p.grad for p in params], ps=params, state1s=[s["state1"] for s in states],
-                         state2s=[s.get("state2") for s in states])  # fmt: skip
+            lists = dict(gs=[_local(p.grad) for p in params], ps=[_local(p) for p in params],
+                         state1s=[s["state1"] for s in states], state2s=[s.get("state2") for s in states])  # fmt: skip
             if state_dtype == torch.uint8:
                 kernels.multi_tensor_update_8bit_blockwise(
                     self.optimizer_name, **lists, beta1=betas[0], beta2=betas[1], beta3=betas[2], alpha=betas[3],

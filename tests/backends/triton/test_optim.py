@@ -457,3 +457,51 @@ def test_8bit_second_moment_never_rounds_to_zero(launcher, reference, device, qm
         assert torch.equal(mine, theirs)  # exact
     v = qmaps[1][results[1][1].long()]
     assert (v[1::5] > 0).all() and (v[3::5] == 0).all()  # tiny g: smallest positive entry; g == 0: zero
+
+
+@pytest.fixture
+def one_rank_group():
+    """A gloo process group of one rank in this process, for DTensor parameters."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_dtensor_parameters_are_batched_through_their_shards(kernels, monkeypatch, rng, device, one_rank_group):
+    """FSDP2's DTensor parameters join the multi-tensor launches through their local shards and
+    end exactly where plain parameters given the same steps end."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    import tritonbits.optim as optim
+
+    monkeypatch.setenv("TRITONBITS_BACKEND", "triton")  # Triton serves CPU tensors too (interpreter)
+    mesh = init_device_mesh(device, (1,))
+    shapes = [(64, 80), (300,), (7, 9)]  # one 8-bit state, two 32-bit (under min_8bit_size)
+    p0 = [torch.randn(s, generator=rng) for s in shapes]
+    grads = [[torch.randn(s, generator=rng) for s in shapes] for _ in range(2)]
+    launches = []
+    for kind in ("multi_tensor_update_8bit_blockwise", "multi_tensor_update_32bit"):
+        original = getattr(kernels, kind)
+        monkeypatch.setattr(kernels, kind, lambda *a, _f=original, _k=kind, **kw: (launches.append(_k), _f(*a, **kw)))
+
+    def run(as_dtensor: bool):
+        wrap = (lambda t: distribute_tensor(t, mesh, [Shard(0)])) if as_dtensor else (lambda t: t)
+        params = [torch.nn.Parameter(wrap(p.clone().to(device))) for p in p0]
+        opt = optim.AdamW8bit(params, lr=1e-2)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = wrap(g.to(device))
+            opt.step()
+        return [p.detach().to_local() if as_dtensor else p.detach() for p in params]
+
+    sharded = run(as_dtensor=True)
+    assert sorted(launches) == sorted(["multi_tensor_update_8bit_blockwise", "multi_tensor_update_32bit"] * 2)
+    for mine, plain in zip(sharded, run(as_dtensor=False)):
+        assert torch.equal(mine, plain)
