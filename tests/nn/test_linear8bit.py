@@ -339,3 +339,14 @@ def test_gpu_module_matches_bitsandbytes(rng, bnb_ref, threshold):
     # bitsandbytes' codes (which may sit one step from ours) load unchanged and work as well
     assert torch.equal(fresh.weight.data, saved["weight"]) and torch.equal(fresh.weight.SCB, saved["SCB"])
     assert _rel_err(fresh(x), ref) <= _rel_err(theirs(x), ref) * 1.05
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_row_scales_are_static_under_compile():
+    """The row scales (SCB) are an input of the compiled layer like the int8 weight: static."""
+    layer = Linear8bitLt(64, 32, has_fp16_weights=False).cuda()
+    scb = layer.weight.SCB if layer.weight.SCB is not None else layer.state.SCB
+    assert getattr(scb, "_dynamo_static_input_type", None) == "unguarded"
+    layer = layer.cpu().cuda()
+    scb = layer.weight.SCB if layer.weight.SCB is not None else layer.state.SCB
+    assert getattr(scb, "_dynamo_static_input_type", None) == "unguarded"

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from ..autograd.matmul_8bit import MatmulLtState, matmul
+from ._compile import mark_static
 
 __all__ = ["Int8Params", "Linear8bitLt", "LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING"]
 
@@ -66,6 +67,7 @@ class Int8Params(torch.nn.Parameter):
         self.data = CB
         self.CB = CB
         self.SCB = SCB
+        mark_static(SCB)
         return self
 
     def cpu(self):
@@ -104,6 +106,7 @@ class Int8Params(torch.nn.Parameter):
             moved.CB = moved.data
             if device is not None and self.SCB is not None and self.SCB.device.type != "meta":
                 moved.SCB = self.SCB.to(device)
+                mark_static(moved.SCB)
         return moved
 
 
@@ -221,6 +224,7 @@ class Linear8bitLt(nn.Linear):
             scb.copy_(incoming_scb)
         else:
             scb = incoming_scb.detach().to(device=self.weight.device, dtype=torch.float32, copy=True)
+            mark_static(scb)
         if self.state.CB is not None:
             # A forward already moved the quantized weight into state; keep it there.
             self.state.CB, self.state.SCB = self.weight.data, scb
@@ -252,6 +256,7 @@ class Linear8bitLt(nn.Linear):
             weight.SCB = weight.SCB.to(device)
         if state.SCB is not None:
             state.SCB = state.SCB.to(device)
+        mark_static(getattr(weight, "SCB", None), state.SCB)
         return self
 
     def forward(self, x: Tensor) -> Tensor:

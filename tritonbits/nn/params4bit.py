@@ -22,6 +22,7 @@ import torch
 from .. import _ops
 from .. import functional as F
 from ..quant_state import QuantState
+from ._compile import mark_static
 
 __all__ = ["Params4bit"]
 
@@ -242,23 +243,14 @@ class Params4bit(torch.nn.Parameter):
 
 
 def static_under_compile(quant_state: Optional[QuantState]) -> None:
-    """Mark a layer weight's GPU quant-state tensors as static addresses for torch.compile, as
-    parameters are (``torch._dynamo.mark_static_address``, unguarded: a changed address makes
-    CUDA graphs re-record). Otherwise a CUDA-graphed compiled model copies every one of them into
-    its graph's input buffers before each replay: ~1,100 small copies per decode step of an 8B
-    model, more host time than the step's kernels take. No effect outside torch.compile."""
-    if quant_state is None or torch.compiler.is_compiling():
+    """Mark a layer weight's GPU quant-state tensors as static addresses for torch.compile
+    (:func:`~._compile.mark_static`), like the packed weight, which is a parameter."""
+    if quant_state is None:
         return
     tensors = [quant_state.absmax, quant_state.code, quant_state.offset]
     if quant_state.state2 is not None:
         tensors += [quant_state.state2.absmax, quant_state.state2.code]
-    if not any(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors):
-        return
-    from torch._dynamo import mark_static_address  # imported only once a GPU weight exists
-
-    for t in tensors:
-        if isinstance(t, torch.Tensor) and t.is_cuda:
-            mark_static_address(t)
+    mark_static(*tensors)
 
 
 def quantized_weight(module: torch.nn.Module) -> Params4bit:
