@@ -589,7 +589,8 @@ def int8_mixed_linear(
     [N, K] (float32 row scales SCB [N]); the product is dequantized (+ bias [N]) in A's dtype. With
     ``threshold > 0`` the columns of A holding any ``|x| >= threshold`` are multiplied in A's dtype
     against CB's dequantized columns instead. Returns (output [..., N] in A's dtype, bool [K]
-    outlier-column flags, or None without threshold). Up to 16 rows run as one Triton kernel.
+    outlier-column flags, or None without threshold). Up to 16 rows run as three small Triton
+    kernels with no host sync.
     """
     _require_float(A, "A")
     _require_dtype(CB, (torch.int8,), "CB")

@@ -137,22 +137,25 @@ def _as_float16(A: Tensor) -> Tensor:
 
 def _kept_int8_launch(A: Tensor, state: MatmulLtState, bias: Optional[Tensor]):
     """The fused launch kept on ``state`` for A's rows and dtype (``backends/triton/int8_linear.py``),
-    or None where the op must be called (not served by Triton, tracing, subclasses, no weight)."""
-    if type(A) is not Tensor or state.CB is None or state.SCB is None:
+    or None where the op must be called (not served by Triton, tracing, subclasses)."""
+    if type(A) is not Tensor:
         return None
     module = registry.triton_module("int8_mixed_linear", A)
     return None if module is None else module.state_int8_launch(A, state, bias)
 
 
-def _inference_forward(A: Tensor, state: MatmulLtState, bias: Optional[Tensor]) -> Tensor:
-    """``A @ B.T + bias`` through int8 with ``state``'s weight, without saving anything for B's
-    gradient: one op (one kernel for up to 16 rows), outlier columns kept as flags on ``state``."""
+def _inference_forward(A: Tensor, B: Tensor, state: MatmulLtState, bias: Optional[Tensor], stacklevel: int) -> Tensor:
+    """``A @ B.T + bias`` through int8 with ``state``'s weight (quantized from B where bitsandbytes
+    would), without saving anything for B's gradient: one op (three small kernels for up to 16
+    rows), outlier columns kept as flags on ``state``. ``stacklevel``: the caller's, for the
+    float16 cast warning."""
+    _warn_float16_cast(A, stacklevel=stacklevel + 1)
+    _quantize_weight(state, B)
+    _require_weight(state)
     launch = _kept_int8_launch(A, state, bias)
     if launch is not None:
         output, flags = launch.launch(A, bias)
     else:
-        if state.CB is None or state.SCB is None:
-            raise RuntimeError("MatmulLtState must hold CB and SCB (the int8 weight) for this operation")
         output, flags = F.int8_mixed_linear(A, state.CB, state.SCB, bias, float(state.threshold))
     if flags is not None:
         state.note_outlier_flags(flags)
@@ -179,10 +182,14 @@ def _quantize_weight(state: MatmulLtState, B: Tensor) -> None:
     state.CB, state.SCB, _ = F.int8_vectorwise_quant(B.detach().to(torch.float16).contiguous())
 
 
-def _dequantized_weight(state: MatmulLtState, dtype: torch.dtype) -> Tensor:
-    """``CB * SCB / 127`` [N, K] in ``dtype`` (same operation order as bitsandbytes)."""
+def _require_weight(state: MatmulLtState) -> None:
     if state.CB is None or state.SCB is None:
         raise RuntimeError("MatmulLtState must hold CB and SCB (the int8 weight) for this operation")
+
+
+def _dequantized_weight(state: MatmulLtState, dtype: torch.dtype) -> Tensor:
+    """``CB * SCB / 127`` [N, K] in ``dtype`` (same operation order as bitsandbytes)."""
+    _require_weight(state)
     return state.CB.to(dtype, copy=True).mul_(state.SCB.unsqueeze(1).mul(1.0 / 127.0))
 
 
@@ -231,35 +238,23 @@ class MatMul8bitLt(torch.autograd.Function):
         ctx.dtype_B = B.dtype
         ctx.dtype_bias = None if bias is None else bias.dtype
         if not ctx.needs_input_grad[1]:
-            # Nothing saved for B's gradient: the fused inference op (outlier columns as flags).
-            _warn_float16_cast(A, stacklevel=3)
-            _quantize_weight(state, B)
-            return _inference_forward(A, state, bias)
+            # Nothing saved for B's gradient: the inference op (outlier columns as flags).
+            return _inference_forward(A, B, state, bias, stacklevel=3)
 
+        # B's gradient needs the column-wise copy of A too.
         A2d = A.reshape(-1, A.shape[-1])
-        A16 = _as_float16(A2d)
-        if ctx.needs_input_grad[1]:
-            # The column-wise copy of A is needed for B's gradient.
-            CA, CAt, SCA, SCAt, outlier_cols = F.int8_double_quant(A16, threshold=state.threshold)
-        else:
-            CA, SCA, outlier_cols = F.int8_vectorwise_quant(A16, threshold=state.threshold)
-            CAt = SCAt = None
-
+        CA, CAt, SCA, SCAt, outlier_cols = F.int8_double_quant(_as_float16(A2d), threshold=state.threshold)
         _quantize_weight(state, B)
-
         if state.threshold > 0.0:
             state.idx = outlier_cols
             output, subA = _mixed_scaled_mm(A2d, CA, state.CB, SCA, state.SCB, outlier_cols, bias)
+            if outlier_cols.numel():
+                # These columns reach B's gradient exactly, through subA, not through int8.
+                CAt[:, outlier_cols] = 0
         else:
             output = F.int8_scaled_mm(CA, state.CB, SCA, state.SCB, bias=bias, dtype=A.dtype)
-            subA = None
-
-        if ctx.needs_input_grad[1]:
-            idx = state.idx if state.threshold > 0.0 else None
-            if idx is not None and idx.numel():
-                # These columns reach B's gradient exactly, through subA, not through int8.
-                CAt[:, idx] = 0
-            ctx.save_for_backward(CAt, SCAt, subA, idx)
+            subA = outlier_cols = None
+        ctx.save_for_backward(CAt, SCAt, subA, outlier_cols)
         return output.reshape(*input_shape[:-1], state.CB.shape[0])
 
     @staticmethod
@@ -377,9 +372,7 @@ def matmul(
         result = MatMul8bitFp.apply(A, B, out, bias, state)
     elif A.numel() and not _needs_autograd(A, B, bias):
         # No gradient to compute (inference): skip the autograd Function and its host time.
-        _warn_float16_cast(A, stacklevel=2)
-        _quantize_weight(state, B)
-        result = _inference_forward(A, state, bias)
+        result = _inference_forward(A, B, state, bias, stacklevel=2)
     else:
         result = MatMul8bitLt.apply(A, B, out, bias, state)
     if out is not None:

@@ -9,8 +9,8 @@ kernel directly, without Triton's argument binding and cache lookup.
 
 Launches are kept in ``state._kept_launches`` (not copied or pickled with the state, see
 ``QuantState.__getstate__``; LLM.int8()'s ``MatmulLtState`` holds them the same way) under a key
-of the caller's choosing, and rebuilt when the weight's address or any state tensor (identity or
-in-place version) changes.
+of the caller's choosing, and rebuilt when the weight's storage or view, or any state tensor
+(identity or in-place version), changes.
 """
 
 from __future__ import annotations
