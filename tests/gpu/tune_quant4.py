@@ -24,14 +24,16 @@ def main():
         ref_packed, ref_absmax = REFERENCES["quantize_4bit"](x, blocksize, quant_type, torch.uint8)
         ref_out = REFERENCES["dequantize_4bit"](ref_packed, ref_absmax, blocksize, quant_type, [8192, 8192], x.dtype)
         q_bytes = 2 * n + n // 2 + 4 * n // blocksize
-        for tile, warps in itertools.product([2048, 4096, 8192], [4, 8]):
-            kernels._TILE, kernels._QUANT_WARPS = tile, warps
+        defaults = (kernels._TILE, kernels._QUANT_WARPS, kernels._SHARED_TABLE)
+        for tile, warps, shared in itertools.product([2048, 4096, 8192], [4, 8], [False, True]):
+            kernels._TILE, kernels._QUANT_WARPS, kernels._SHARED_TABLE = tile, warps, shared
             packed, absmax = kernels.quantize_4bit(x, blocksize, quant_type, torch.uint8)
             same = torch.equal(packed, ref_packed) and torch.equal(absmax, ref_absmax)
             t = ms(lambda: kernels.quantize_4bit(x, blocksize, quant_type, torch.uint8))
-            print(f"quantize   {quant_type} bs{blocksize} tile {tile:5d} warps {warps}: {t:.4f} ms "
+            print(f"quantize   {quant_type} bs{blocksize} tile {tile:5d} warps {warps} shared table {shared:d}: {t:.4f} ms "
                   f"{q_bytes / (t * 1e-3) / copy_bw:6.1%} of copy  identical={same}", flush=True)
-        for elements, warps in itertools.product([2048, 4096, 8192], [4, 8]):
+        kernels._TILE, kernels._QUANT_WARPS, kernels._SHARED_TABLE = defaults
+        for elements, warps in itertools.product([4096], [4]) if quant_type == "nf4" else ():
             kernels._DEQUANT_ELEMENTS, kernels._DEQUANT_WARPS = elements, warps
             out = kernels.dequantize_4bit(ref_packed, ref_absmax, blocksize, quant_type, [8192, 8192], x.dtype)
             same = torch.equal(out, ref_out)

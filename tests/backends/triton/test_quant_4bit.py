@@ -74,6 +74,39 @@ def test_values_on_thresholds_zero_and_signed_zero(launcher, reference, rng, dev
 
 
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
+def test_bucket_table_reproduces_the_reference_encoder(rng, quant_type):
+    """The kernel's code choice, emulated in torch on its table: floor(32 x / absmax) picks the
+    entry, one compare with its threshold picks the code. Checked on every float32 within 64
+    ulps of each threshold (and its negation), at bucket edges, signed zeros, subnormals,
+    values just past +-1 and on random values, against the reference encoder."""
+    from tritonbits.backends.torch.quant_4bit import encode_4bit
+    from tritonbits.backends.triton.quant_4bit import _bucket_entries
+
+    entries = _bucket_entries(quant_type)
+    marks = torch.cat([_thresholds(quant_type), -_thresholds(quant_type), torch.arange(-33, 34) / 32.0])
+    steps = torch.arange(-64, 65, dtype=torch.int32)
+    near = (marks.view(torch.int32)[:, None] + steps[None, :]).reshape(-1).view(torch.float32)
+    special = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1e-38, -1e-38, 1.0, -1.0])
+    past_one = (torch.tensor([1.0, -1.0]).view(torch.int32)[:, None] + torch.arange(0, 4)).reshape(-1).view(torch.float32)
+    scaled = torch.cat([near, special, past_one, torch.rand(200_000, generator=rng) * 2 - 1])
+    scaled = scaled[scaled.abs() <= 1.0000002]  # x * (1 / absmax): within 2 ulps of +-1 at most
+    value = scaled * 32.0
+    entry = entries[torch.floor(value).long() + 33]
+    threshold = (entry & 0xFFFFFFFF).to(torch.int32).view(torch.float32)
+    shift = torch.where(value > threshold, 40, 32)
+    codes = (entry >> shift) & 15
+    assert torch.equal(codes, encode_4bit(scaled, quant_type).long())
+
+
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+def test_global_memory_table_variant(launcher, reference, rng, device, monkeypatch, quant_type):
+    from tritonbits.backends.triton import quant_4bit as kernels
+
+    monkeypatch.setattr(kernels, "_SHARED_TABLE", not kernels._SHARED_TABLE)
+    _check_roundtrip(launcher, reference, _random((40, 96), torch.bfloat16, rng, device), 64, quant_type)
+
+
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_non_contiguous_input(launcher, reference, rng, device, quant_type, dtype):
     A = _random((96, 40), dtype, rng, device).t()[:, ::2]
