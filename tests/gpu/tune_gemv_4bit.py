@@ -30,17 +30,22 @@ BLOCKSIZE = 64
 
 
 def candidates(rows: int) -> list[tuple]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, use_dot, permute_a) configurations worth timing for ``rows``."""
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, use_dot, permute_a[, programs_per_sm]) configurations
+    worth timing for ``rows``."""
     out = []
-    if rows <= 2:  # the CUDA-core kernel, one program per row of A
-        for bn, bk, w, perm in itertools.product((2, 4, 8), (1024, 2048, 4096), (4, 8), (False, True)):
-            out.append((1, bn, bk, w, 1, False, perm))
-    if rows >= 2:  # CUDA cores, several rows per program sharing each decoded code
+    if rows <= 2:  # the CUDA-core kernel, one program per row of A; stages > 1: more tiles in flight
+        for bn, bk, w, stages in itertools.product((4, 8), (2048, 4096), (4, 8), (1, 2, 3)):
+            out.append((1, bn, bk, w, stages, False, True))
+    if 2 <= rows <= 8:  # CUDA cores, several rows per program sharing each decoded code
         for bm in sorted({2, min(rows, 4)}):
-            for bn, bk, w, perm in itertools.product((2, 4, 8), (1024, 2048), (4, 8), (False, True)):
-                out.append((bm, bn, bk, w, 1, False, perm))
-        for bn, bk, w, perm in itertools.product((64, 128), (256, 512), (4, 8), (False, True)):
-            out.append((16, bn, bk, w, 1, True, perm))
+            for bn, bk, w in itertools.product((2, 4, 8), (1024, 2048), (4, 8)):
+                out.append((bm, bn, bk, w, 1, False, True))
+    if rows >= 2:  # tensor cores, one dot per code column of A permuted
+        for bn, bk, w in itertools.product((64, 128), (256, 512), (4, 8)):
+            out.append((16, bn, bk, w, 1, True, True))
+    # tensor cores in k order, one dot per tile of one absmax block (BLOCK_K is capped at the blocksize)
+    for bn, w, pps in itertools.product((64, 128, 256), (4, 8), (2, 4)):
+        out.append((16, bn, 64, w, 3, True, False, pps))
     return out
 
 
@@ -90,10 +95,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="two shapes, rows 1 and 16")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--rows", type=int, nargs="+", help="row counts to sweep (default: all, or 1 and 16 with --quick)")
     parser.add_argument("--workers", type=int, default=8)
     args = parser.parse_args()
     shapes = SHAPES[:1] + SHAPES[-1:] if args.quick else SHAPES
-    rows_list = (1, 16) if args.quick else ROWS
+    rows_list = tuple(args.rows) if args.rows else (1, 16) if args.quick else ROWS
 
     jobs = [(K, N, rows, c) for K, N in shapes for rows in rows_list for c in candidates(rows)]
     t0 = time.time()

@@ -54,6 +54,7 @@ def test_split_k_and_batch_dims(device, launcher, reference, rng, monkeypatch, r
         (4, 16, 256, 4, 1, False, True),
         (2, 8, 512, 4, 1, False, True),
         (16, 32, 256, 4, 1, True, True),
+        (16, 32, 64, 4, 3, True, False, 2),
     ],
     ids=lambda c: f"m{c[0]}-n{c[1]}-k{c[2]}-{'dot' if c[5] else 'fma'}{'-perm' if c[6] else ''}",
 )

@@ -10,8 +10,9 @@ quarter of bf16's bytes. The dense weight is never written.
 Each program owns BLOCK_N rows of W and walks K in tiles of BLOCK_N x BLOCK_K codes, read as
 32-bit words of 8 codes (16-byte loads), the next tile requested before the current one is
 decoded; K is split across SPLIT_K programs (partial sums meeting through float32 atomic adds)
-when N alone gives too few programs. Code j of a word (k = 8 w + j) is multiplied with A's
-column 8 w + j, so the codes are never interleaved back into k order. Code values come from a
+when N alone gives too few programs. With A permuted to [rows, 8, K / 8], code j of a word
+(k = 8 w + j) meets a contiguous run of A, so the codes are never interleaved back into k
+order; otherwise a tile's codes are decoded at once in k order. Code values come from a
 register gather on the 16-entry table (staged in shared memory by Triton). Two variants:
 
 - CUDA cores (``USE_DOT=False``, 1, 2 or 4 rows of A per program, each decoded code serving
@@ -19,9 +20,13 @@ register gather on the 16-entry table (staged in shared memory by Triton). Two v
   word's partial sum is multiplied by its absmax once. W is
   not rounded to the compute dtype: the result is at least as accurate as dequantize-then-
   matmul, and within the compute dtype's rounding of it.
-- Tensor cores (``USE_DOT=True``, up to 16 rows, fp16/bf16): each code column is decoded to the
-  compute dtype exactly as the reference decodes (code * absmax in float32, then rounded) and
-  multiplied with ``tl.dot`` against A's matching columns ("swap AB": W's rows fill the MMA's M).
+- Tensor cores (``USE_DOT=True``, up to 16 rows, fp16/bf16), "swap AB" (W's rows fill the
+  MMA's M). In k order (``PERMUTED_A=False``, the default entry): a tile is one absmax block
+  wide, its codes are decoded at once to the table's values in the compute dtype, multiplied
+  with A as stored by one ``tl.dot``, and the float32 result is scaled by each row's absmax.
+  With A permuted: each code column is decoded exactly as the reference decodes (code *
+  absmax in float32, then rounded) and multiplied with A's matching columns.
+  Either way the result is within the compute dtype's rounding of dequantize-then-matmul.
 """
 
 from __future__ import annotations
@@ -41,20 +46,25 @@ from .kept_launch import KeptLaunch, kept_launch
 from .quant_4bit import decode_4bit, nested_absmax_args, nested_args
 
 # Launch configurations by row count: the first entry whose row limit covers the rows is used.
-# (max rows, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, use_dot, permute_a). BLOCK_M rows
-# of A per program (CUDA cores: 1, 2 or 4 rows sharing each decoded code). permute_a: A is
-# copied to [rows, 8, K / 8] first (float32 for the CUDA-core kernel), so that code j of a
-# tile's words meets a contiguous run of A (vector loads, no conversion per code) instead of
-# every eighth element. More rows than the last entry (or float32 inputs past the CUDA-core
-# entries) decode W and use cuBLAS. Picked by tests/gpu/tune_gemv_4bit.py on an H100
-# (2026-11-24, NF4, blocksize 64, bf16, kernel times through CUDA graphs), against bf16 F.linear
-# (geometric mean over the five issue shapes): one row 1.31x (2.0x and 57% of copy bandwidth at
-# 8192x28672); two rows 1.02x; three or four rows 0.67x; 5..16 rows on tensor cores 0.41x.
-CONFIGS: list[tuple[int, int, int, int, int, int, bool, bool]] = [
-    (1, 1, 4, 2048, 4, 1, False, True),
-    (2, 2, 4, 2048, 4, 1, False, True),
-    (4, 4, 4, 2048, 4, 1, False, True),
-    (16, 16, 64, 512, 4, 1, True, True),
+# (max rows, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, use_dot, permute_a,
+# programs_per_sm). BLOCK_M rows of A per program (CUDA cores: 1, 2 or 4 rows sharing each
+# decoded code). permute_a: A is copied to [rows, 8, K / 8] first (float32 for the CUDA-core
+# kernel), so that code j of a tile's words meets a contiguous run of A; otherwise A is read as
+# stored and a tile is decoded in k order (tensor cores: BLOCK_K is capped at the blocksize, so
+# that each row of the tile has one absmax, applied to the dot's result). programs_per_sm: K is
+# split until the grid has that many programs per multiprocessor. More rows than the last entry
+# (or float32 inputs past the CUDA-core entries) decode W and use cuBLAS. Picked by
+# tests/gpu/tune_gemv_4bit.py (NF4, blocksize 64, bf16, kernel times through CUDA graphs); on an
+# H200 (2026-12-03, benchmarks/results/20261203-h200-session5/) against bf16 F.linear: one row
+# 1.38x at 8192x28672 (90.7 us, 34% of the harness's copy bandwidth), 0.94x at 4096x4096 (11.2 us);
+# 16 rows in k order on tensor cores 0.95x at 8192x28672 (130 us; bitsandbytes 372 us) and
+# 0.67x at 4096x4096 (14.6 us), where bf16's weight is read from L2. The k-order tensor-core
+# entry replaced one dot per code column of A permuted, which ran 0.41x bf16 at 5-16 rows on
+# an H100 (2026-11-24).
+CONFIGS: list[tuple[int, int, int, int, int, int, bool, bool, int]] = [
+    (1, 1, 4, 2048, 4, 1, False, True, 1),
+    (16, 16, 64, 64, 4, 3, True, False, 4),
+    (4, 4, 4, 2048, 4, 1, False, True, 1),  # float32 A (no tensor-core entry takes it)
 ]
 
 
@@ -85,6 +95,7 @@ def _gemv_4bit_kernel(
     USE_DOT: tl.constexpr,
     PERMUTED_A: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    ROW_SCALE: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     # W is read as 32-bit words, 8 codes each (k = 8 w + j, little-endian bytes, high nibble
@@ -113,6 +124,7 @@ def _gemv_4bit_kernel(
     # for every code), [BLOCK_N, WORDS] partial sums, summed over words at the end.
     if USE_DOT:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        table_dot = cast_rtne(table, a_ptr.dtype.element_ty, INTERPRET)
     else:
         # rows of A left from row0 on, as tensors (masks must be tensors for the interpreter)
         left = tl.zeros((BLOCK_N, WORDS), dtype=tl.int32) + (M - row0)
@@ -126,9 +138,14 @@ def _gemv_4bit_kernel(
     # otherwise latency bound: a tile's decode waits on its own loads).
     w_rows = w_ptr + row_words[:, None]
     words_next = tl.load(w_rows + (k_begin // 8 + offs_w)[None, :], mask=mask_n[:, None], other=0)
-    absmax_next = tl.load(
-        absmax_ptr + row_blocks[:, None] + ((k_begin + 8 * offs_w) // BLOCKSIZE)[None, :], mask=mask_n[:, None], other=0
-    )
+    if ROW_SCALE:  # a tile lies in one block per row of W: one absmax per row
+        absmax_next = tl.load(absmax_ptr + row_blocks + k_begin // BLOCKSIZE, mask=mask_n, other=0)
+    else:
+        absmax_next = tl.load(
+            absmax_ptr + row_blocks[:, None] + ((k_begin + 8 * offs_w) // BLOCKSIZE)[None, :],
+            mask=mask_n[:, None],
+            other=0,
+        )
     for tile in tl.range(0, tiles, num_stages=NUM_STAGES):
         k0 = k_begin + tile * BLOCK_K
         word_k = k0 + 8 * offs_w  # first k of each word [WORDS]
@@ -136,52 +153,82 @@ def _gemv_4bit_kernel(
         absmax = absmax_next
         more = offs_n[:, None] < tl.where(tile + 1 < tiles, N, 0)  # rows to prefetch: none after the last tile
         words_next = tl.load(w_rows + ((k0 + BLOCK_K) // 8 + offs_w)[None, :], mask=more, other=0)
-        absmax_next = tl.load(
-            absmax_ptr + row_blocks[:, None] + ((word_k + BLOCK_K) // BLOCKSIZE)[None, :], mask=more, other=0
-        )
-        if NESTED:
+        if ROW_SCALE:
+            more_n = offs_n < tl.where(tile + 1 < tiles, N, 0)
+            absmax_next = tl.load(absmax_ptr + row_blocks + (k0 + BLOCK_K) // BLOCKSIZE, mask=more_n, other=0)
+            block_index = row_blocks + k0 // BLOCKSIZE  # [BLOCK_N]
+            scale_mask = mask_n
+        else:
+            absmax_next = tl.load(
+                absmax_ptr + row_blocks[:, None] + ((word_k + BLOCK_K) // BLOCKSIZE)[None, :], mask=more, other=0
+            )
             block_index = row_blocks[:, None] + (word_k // BLOCKSIZE)[None, :]  # [BLOCK_N, WORDS]
-            outer = tl.load(absmax_scale_ptr + block_index // ABSMAX_BLOCKSIZE, mask=mask_n[:, None], other=0.0)
+            scale_mask = mask_n[:, None]
+        if NESTED:
+            outer = tl.load(absmax_scale_ptr + block_index // ABSMAX_BLOCKSIZE, mask=scale_mask, other=0.0)
             scale = tl.load(absmax_code_ptr + absmax.to(tl.int32)) * outer + tl.load(offset_ptr)
         else:
             scale = absmax
-        if not USE_DOT:
-            part0 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
-            part1 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
-            part2 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
-            part3 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
-        for j in tl.static_range(8):
-            # A's column for code j of each word: k = 8 w + j, or, with PERMUTED_A (A stored as
-            # [rows, 8, K / 8]), the contiguous run j * K / 8 + w.
-            if PERMUTED_A:
-                a_offsets = j * row_stride_words + (k0 // 8 + offs_w)  # [WORDS]
-            else:
-                a_offsets = word_k + j
-            # Nibble j is in byte j // 2 of the word, high nibble (even j) first. The lookup is a
-            # register gather from the 16-entry table (Triton stages it in shared memory): a
-            # global-memory gather per element, even from L1, limited the kernel to ~30% of the
-            # copy bandwidth on an H100.
-            nibble = (words >> (8 * (j // 2) + 4 * (1 - j % 2))) & 15
-            value = tl.reshape(tl.gather(table, tl.reshape(nibble, [BLOCK_N * WORDS]), 0), [BLOCK_N, WORDS])
+        if not PERMUTED_A:
+            # The whole tile decoded at once, in k order: [BLOCK_N, WORDS, 8] codes (k = 8 w + j)
+            # through one gather (each gather stages the table in shared memory between two
+            # barriers, so one per tile rather than one per code column), against A as stored.
+            code_j = tl.arange(0, 8)
             if USE_DOT:
-                w_j = cast_rtne(value * scale, a_ptr.dtype.element_ty, INTERPRET)  # as the reference decodes
-                a_t = tl.load(a_rows[None, :] + a_offsets[:, None], mask=mask_m[None, :], other=0.0)  # [WORDS, BLOCK_M]
+                # ROW_SCALE: the code values (the table in A's dtype) times A's tile on tensor
+                # cores, then times each row's absmax: nothing to scale or convert per element.
+                w_tile = tl.reshape(_decode_words(words, table_dot, BLOCK_N, WORDS), [BLOCK_N, BLOCK_K])
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                a_t = tl.load(a_rows[None, :] + offs_k[:, None], mask=mask_m[None, :], other=0.0)  # [BLOCK_K, BLOCK_M]
                 if INTERPRET:
-                    # The interpreter's dot mishandles bfloat16; the values are exact in float32.
-                    acc += tl.dot(w_j.to(tl.float32), a_t.to(tl.float32), input_precision="ieee")
+                    part = tl.dot(w_tile.to(tl.float32), a_t.to(tl.float32), input_precision="ieee")
                 else:
-                    acc = tl.dot(w_j, a_t, acc, out_dtype=tl.float32)
+                    part = tl.dot(w_tile, a_t, out_dtype=tl.float32)
+                acc += part * scale[:, None]
             else:
-                # A's run is loaded in the words' own 2-D layout (broadcast over W's rows): a 1-D
-                # load would be converted to that layout through shared memory, with barriers.
-                # Each decoded code serves every row of A in the program.
-                a_2d = a_row + tl.broadcast_to(a_offsets[None, :], (BLOCK_N, WORDS))
-                part0 += value * tl.load(a_2d).to(tl.float32)
+                values = _decode_words(words, table, BLOCK_N, WORDS)
+                # A's [WORDS, 8] run, loaded in the codes' 3-D layout (broadcast over W's rows);
+                # each decoded code serves every row of A in the program.
+                a_3d = a_row + tl.broadcast_to((word_k[:, None] + code_j[None, :])[None, :, :], (BLOCK_N, WORDS, 8))
+                part0 = tl.sum(values * tl.load(a_3d).to(tl.float32), axis=2)
                 if BLOCK_M > 1:
-                    part1 += value * tl.load(a_2d + stride_am, mask=left > 1, other=0.0).to(tl.float32)
+                    left3 = tl.zeros((BLOCK_N, WORDS, 8), dtype=tl.int32) + (M - row0)
+                    part1 = tl.sum(values * tl.load(a_3d + stride_am, mask=left3 > 1, other=0.0).to(tl.float32), axis=2)
                 if BLOCK_M > 2:
-                    part2 += value * tl.load(a_2d + 2 * stride_am, mask=left > 2, other=0.0).to(tl.float32)
-                    part3 += value * tl.load(a_2d + 3 * stride_am, mask=left > 3, other=0.0).to(tl.float32)
+                    part2 = tl.sum(values * tl.load(a_3d + 2 * stride_am, mask=left3 > 2, other=0.0).to(tl.float32), axis=2)
+                    part3 = tl.sum(values * tl.load(a_3d + 3 * stride_am, mask=left3 > 3, other=0.0).to(tl.float32), axis=2)
+        else:
+            if not USE_DOT:
+                part0 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+                part1 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+                part2 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+                part3 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+            # The tile's codes decoded at once, then taken apart into code columns (in-thread).
+            columns = _columns(_decode_words(words, table, BLOCK_N, WORDS))
+            for j in tl.static_range(8):
+                # A is stored as [rows, 8, K / 8]: code j of each word meets the contiguous run
+                # j * K / 8 + w.
+                a_offsets = j * row_stride_words + (k0 // 8 + offs_w)  # [WORDS]
+                value = columns[j]
+                if USE_DOT:
+                    w_j = cast_rtne(value * scale, a_ptr.dtype.element_ty, INTERPRET)  # as the reference decodes
+                    a_t = tl.load(a_rows[None, :] + a_offsets[:, None], mask=mask_m[None, :], other=0.0)  # [WORDS, BLOCK_M]
+                    if INTERPRET:
+                        # The interpreter's dot mishandles bfloat16; the values are exact in float32.
+                        acc += tl.dot(w_j.to(tl.float32), a_t.to(tl.float32), input_precision="ieee")
+                    else:
+                        acc = tl.dot(w_j, a_t, acc, out_dtype=tl.float32)
+                else:
+                    # A's run is loaded in the words' own 2-D layout (broadcast over W's rows): a
+                    # 1-D load would be converted to that layout through shared memory, with
+                    # barriers. Each decoded code serves every row of A in the program.
+                    a_2d = a_row + tl.broadcast_to(a_offsets[None, :], (BLOCK_N, WORDS))
+                    part0 += value * tl.load(a_2d).to(tl.float32)
+                    if BLOCK_M > 1:
+                        part1 += value * tl.load(a_2d + stride_am, mask=left > 1, other=0.0).to(tl.float32)
+                    if BLOCK_M > 2:
+                        part2 += value * tl.load(a_2d + 2 * stride_am, mask=left > 2, other=0.0).to(tl.float32)
+                        part3 += value * tl.load(a_2d + 3 * stride_am, mask=left > 3, other=0.0).to(tl.float32)
         if not USE_DOT:
             acc0 += part0 * scale
             if BLOCK_M > 1:
@@ -204,6 +251,41 @@ def _gemv_4bit_kernel(
 
 
 @triton.jit
+def _decode_words(words, table, BLOCK_N: tl.constexpr, WORDS: tl.constexpr):
+    """[BLOCK_N, WORDS] words of 8 codes -> [BLOCK_N, WORDS, 8] float32 code values in k order.
+
+    Nibble j is in byte j // 2 of its word, high nibble (even j) first. The codes are joined so
+    that a word's 8 stay in its thread (a join adds an in-thread dimension), then looked up in
+    one register gather on the 16-entry table. Triton stages the table in shared memory between
+    two barriers for every gather, so one gather per tile rather than one per code column; a
+    global-memory lookup per element, even from L1, held the kernel to ~30% of the copy
+    bandwidth on an H100.
+    """
+    # A join appends its new dimension last, so the first joins pair codes 4 apart and the last
+    # pairs even with odd: [BLOCK_N, WORDS, 2, 2, 2] holds code 4 a + 2 b + c at [..., a, b, c].
+    even = tl.join(tl.join((words >> 4) & 15, (words >> 20) & 15), tl.join((words >> 12) & 15, (words >> 28) & 15))
+    odd = tl.join(tl.join(words & 15, (words >> 16) & 15), tl.join((words >> 8) & 15, (words >> 24) & 15))
+    nibbles = tl.join(even, odd)
+    values = tl.gather(table, tl.reshape(nibbles, [BLOCK_N * WORDS * 8]), 0)
+    return tl.reshape(values, [BLOCK_N, WORDS, 8])
+
+
+@triton.jit
+def _columns(values):
+    """[..., 8] -> the 8 tensors [...] values[..., j], j = 0..7, by in-thread splits."""
+    shape: tl.constexpr = values.shape
+    bits = tl.reshape(values, [shape[0], shape[1], 2, 2, 2])  # j = 4 a + 2 b + c at [..., a, b, c]
+    even, odd = tl.split(bits)  # splits the last dimension: c = 0 or 1
+    e0, e1 = tl.split(even)  # j = 4 a, 4 a + 2
+    o0, o1 = tl.split(odd)  # j = 4 a + 1, 4 a + 3
+    c0, c4 = tl.split(e0)
+    c2, c6 = tl.split(e1)
+    c1, c5 = tl.split(o0)
+    c3, c7 = tl.split(o1)
+    return c0, c1, c2, c3, c4, c5, c6, c7
+
+
+@triton.jit
 def _write(ptrs, result, mask, SPLIT_K: tl.constexpr):
     """Store float32 partial results (one split of K) or add them to the float32 output (several)."""
     if SPLIT_K == 1:
@@ -217,25 +299,27 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def _split_k(n_programs: int, K: int, block_k: int, device: torch.device) -> int:
-    """K-splits so that every multiprocessor gets a program; each split a whole number of >= 4 tiles."""
-    target = _multiprocessors(device)
+def _split_k(n_programs: int, K: int, block_k: int, device: torch.device, programs_per_sm: int = 1) -> int:
+    """K-splits so that every multiprocessor gets ``programs_per_sm`` programs; each split a
+    whole number of >= 4 tiles."""
+    target = _multiprocessors(device) * programs_per_sm
     split = 1
     while n_programs * split < target and K % (split * 2 * block_k) == 0 and K // (split * 2) >= 4 * block_k:
         split *= 2
     return split
 
 
-def _config(rows: int, K: int, dtype: torch.dtype) -> Optional[tuple[int, int, int, int, int, bool, bool]]:
-    """The launch configuration for ``rows`` rows, with BLOCK_K reduced to divide K; None: not fused."""
-    for max_rows, block_m, block_n, block_k, warps, stages, use_dot, permute_a in CONFIGS:
+def _config(rows: int, K: int, dtype: torch.dtype) -> Optional[tuple]:
+    """The launch configuration for ``rows`` rows (a CONFIGS entry without its row limit), with
+    BLOCK_K reduced to divide K; None: not fused."""
+    for max_rows, block_m, block_n, block_k, warps, stages, use_dot, permute_a, *rest in CONFIGS:
         if rows > max_rows or (use_dot and dtype == torch.float32):
             continue
         while block_k > 8 and K % block_k:
             block_k //= 2
-        if K % block_k or (use_dot and block_k < 128):  # a dot needs >= 16 words per tile
+        if K % block_k or (use_dot and block_k < (128 if permute_a else 16)):  # a dot's K >= 16
             return None
-        return block_m, block_n, block_k, warps, stages, use_dot, permute_a
+        return (block_m, block_n, block_k, warps, stages, use_dot, permute_a, *rest)
     return None
 
 
@@ -262,9 +346,12 @@ class GemvLaunch(KeptLaunch):
 
     def __init__(self, rows: int, N: int, K: int, dtype: torch.dtype, device: torch.device, words, absmax,
                  nested_args, code, blocksize: int, config) -> None:  # fmt: skip
-        block_m, block_n, block_k, warps, stages, use_dot, permute_a = config
+        block_m, block_n, block_k, warps, stages, use_dot, permute_a, *rest = config
+        programs_per_sm = rest[0] if rest else 1
         if not use_dot and block_m not in (1, 2, 4):
             raise ValueError(f"the CUDA-core gemv kernel takes 1, 2 or 4 rows per program, got BLOCK_M={block_m}")
+        if use_dot and not permute_a:
+            block_k = min(block_k, blocksize)  # a tile within one absmax block per row
         if K % block_k or K % blocksize or block_k % 8:
             raise ValueError(f"BLOCK_K={block_k} must be a multiple of 8 dividing K={K}, and blocksize={blocksize} K")
         if code.dtype != torch.float32 or not code.is_contiguous():
@@ -275,7 +362,7 @@ class GemvLaunch(KeptLaunch):
             absmax_code, absmax_scale, offset, absmax_blocksize = nested_args
         n_programs = triton.cdiv(N, block_n)
         m_programs = triton.cdiv(rows, block_m)
-        self.split_k = _split_k(n_programs * m_programs, K, block_k, device)
+        self.split_k = _split_k(n_programs * m_programs, K, block_k, device, programs_per_sm)
         self.rows, self.N, self.K, self.dtype, self.device = rows, N, K, dtype, device
         self.weight_args = (words, absmax, absmax_code, absmax_scale, offset, code)
         constexprs = dict(
@@ -289,6 +376,7 @@ class GemvLaunch(KeptLaunch):
             USE_DOT=use_dot,
             PERMUTED_A=permute_a,
             NUM_STAGES=stages,
+            ROW_SCALE=use_dot and not permute_a,
             INTERPRET=interpreting(),
         )
         super().__init__(_gemv_4bit_kernel, (n_programs, self.split_k, m_programs), constexprs, warps)
