@@ -20,6 +20,7 @@ pytest.importorskip("accelerate", reason="accelerate is needed (pip install trit
 safetensors_torch = pytest.importorskip("safetensors.torch", reason="safetensors is needed (tritonbits[hf])")
 
 import tritonbits.hf as hf  # noqa: E402
+from support import bnb_cpu_4bit_inexact  # noqa: E402
 from tritonbits.nn import Linear4bit, Linear8bitLt  # noqa: E402
 
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
@@ -279,6 +280,8 @@ def test_bitsandbytes_checkpoint_loads_after_enable_compat(dense_dirs, input_ids
     assert isinstance(model.config.quantization_config, BitsAndBytesConfig)
     actual = logits(model, input_ids)
     if layer_type is Linear4bit:
+        if writer == "bitsandbytes" and (why := bnb_cpu_4bit_inexact()):
+            pytest.skip(why)
         # same codes, same decoding, float32 matmul: bitsandbytes' own CPU logits (measured: equal)
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
     else:
