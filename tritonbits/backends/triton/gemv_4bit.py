@@ -96,7 +96,6 @@ def _gemv_4bit_kernel(
     USE_DOT: tl.constexpr,
     PERMUTED_A: tl.constexpr,
     NUM_STAGES: tl.constexpr,
-    ROW_SCALE: tl.constexpr,
     PAIRS: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
@@ -105,6 +104,8 @@ def _gemv_4bit_kernel(
     # loads are 16 bytes wide. Row n's words start at n * K / 8 and its blocks at
     # n * K / BLOCKSIZE (passed as strides, so that Triton sees their divisibility).
     WORDS: tl.constexpr = BLOCK_K // 8
+    # tensor cores in k order: a tile lies in one absmax block per row of W (see the launcher)
+    ROW_SCALE: tl.constexpr = USE_DOT and not PERMUTED_A
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     row0 = tl.program_id(2) * BLOCK_M
@@ -430,7 +431,6 @@ class GemvLaunch(KeptLaunch):
             USE_DOT=use_dot,
             PERMUTED_A=permute_a,
             NUM_STAGES=stages,
-            ROW_SCALE=use_dot and not permute_a,
             PAIRS=pairs,
             INTERPRET=interpreting(),
         )
