@@ -17,11 +17,6 @@ from tritonbits.backends.triton import quant_4bit as kernels
 
 
 def main():
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--only", choices=("quantize", "dequantize"), default=None)
-    args = parser.parse_args()
     copy_bw = copy_bandwidth()
     x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     n = x.numel()
@@ -30,7 +25,7 @@ def main():
         ref_out = REFERENCES["dequantize_4bit"](ref_packed, ref_absmax, blocksize, quant_type, [8192, 8192], x.dtype)
         q_bytes = 2 * n + n // 2 + 4 * n // blocksize
         defaults = (kernels._TILE, kernels._QUANT_WARPS, kernels._SHARED_TABLE)
-        for tile, warps, shared in itertools.product([2048, 4096, 8192], [4, 8], [False, True]) if args.only != "dequantize" else ():
+        for tile, warps, shared in itertools.product([2048, 4096, 8192], [4, 8], [False, True]):
             kernels._TILE, kernels._QUANT_WARPS, kernels._SHARED_TABLE = tile, warps, shared
             packed, absmax = kernels.quantize_4bit(x, blocksize, quant_type, torch.uint8)
             same = torch.equal(packed, ref_packed) and torch.equal(absmax, ref_absmax)
@@ -38,15 +33,13 @@ def main():
             print(f"quantize   {quant_type} bs{blocksize} tile {tile:5d} warps {warps} shared table {shared:d}: {t:.4f} ms "
                   f"{q_bytes / (t * 1e-3) / copy_bw:6.1%} of copy  identical={same}", flush=True)
         kernels._TILE, kernels._QUANT_WARPS, kernels._SHARED_TABLE = defaults
-        defaults = (kernels._DEQUANT_ELEMENTS, kernels._DEQUANT_WARPS, kernels._DEQUANT_PAIRS)
-        for elements, warps, pairs in itertools.product([4096, 8192], [4, 8], [False, True]) if args.only != "quantize" else ():
-            kernels._DEQUANT_ELEMENTS, kernels._DEQUANT_WARPS, kernels._DEQUANT_PAIRS = elements, warps, pairs
+        for elements, warps in itertools.product([4096], [4]) if quant_type == "nf4" else ():
+            kernels._DEQUANT_ELEMENTS, kernels._DEQUANT_WARPS = elements, warps
             out = kernels.dequantize_4bit(ref_packed, ref_absmax, blocksize, quant_type, [8192, 8192], x.dtype)
             same = torch.equal(out, ref_out)
             t = ms(lambda: kernels.dequantize_4bit(ref_packed, ref_absmax, blocksize, quant_type, [8192, 8192], x.dtype))
-            print(f"dequantize {quant_type} bs{blocksize} elems {elements:5d} warps {warps} pairs {pairs:d}: {t:.4f} ms "
+            print(f"dequantize {quant_type} bs{blocksize} elems {elements:5d} warps {warps}: {t:.4f} ms "
                   f"{q_bytes / (t * 1e-3) / copy_bw:6.1%} of copy  identical={same}", flush=True)
-        kernels._DEQUANT_ELEMENTS, kernels._DEQUANT_WARPS, kernels._DEQUANT_PAIRS = defaults
 
 
 if __name__ == "__main__":

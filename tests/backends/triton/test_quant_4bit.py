@@ -106,24 +106,6 @@ def test_global_memory_table_variant(launcher, reference, rng, device, monkeypat
     _check_roundtrip(launcher, reference, _random((40, 96), torch.bfloat16, rng, device), 64, quant_type)
 
 
-@pytest.mark.parametrize("nested", [False, True], ids=["flat", "nested"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("quant_type", QUANT_TYPES)
-def test_dequantize_byte_pair_table_variant(launcher, reference, rng, device, monkeypatch, quant_type, dtype, nested):
-    """The dequantize kernel's other table variant (256 byte entries in shared memory, or two
-    16-entry gathers) decodes bit-identically too, flat and nested, with a partial last block."""
-    from tritonbits.backends.triton import quant_4bit as kernels
-
-    monkeypatch.setattr(kernels, "_DEQUANT_PAIRS", not kernels._DEQUANT_PAIRS)
-    A = _random((37, 50), dtype, rng, device)
-    _check_roundtrip(launcher, reference, A, 64, quant_type)
-    packed, state = F.quantize_4bit(A, quant_type=quant_type, compress_statistics=nested)
-    launch = kernels.DequantLaunch(packed, state.absmax, kernels._device_table(quant_type, packed.device), 64,
-                                   state.shape, dtype, kernels.nested_absmax_args(state))  # fmt: skip
-    assert launch.constexprs["PAIRS"] == kernels._DEQUANT_PAIRS
-    assert torch.equal(launch.launch(), F.dequantize_4bit(packed, state))
-
-
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_non_contiguous_input(launcher, reference, rng, device, quant_type, dtype):

@@ -36,11 +36,9 @@ from .kept_launch import KeptLaunch, kept_launch
 _TILE = 4096
 _QUANT_WARPS = 4
 _SHARED_TABLE = True
-# Output elements one dequantize program writes, its warps, and whether it looks codes up a
-# byte at a time in a 256-entry table in shared memory (else two 16-entry gathers through L1).
+# Output elements one dequantize program writes, and its warps.
 _DEQUANT_ELEMENTS = 4096
 _DEQUANT_WARPS = 4
-_DEQUANT_PAIRS = False
 
 
 @triton.jit
@@ -116,28 +114,15 @@ def _dequantize_4bit_kernel(
     BLOCKS_PER_PROGRAM: tl.constexpr,
     NESTED: tl.constexpr,
     ABSMAX_BLOCKSIZE: tl.constexpr,
-    PAIRS: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     # A [BLOCKS_PER_PROGRAM, BLOCKSIZE] tile of the output: one absmax load per row.
     blocks = tl.program_id(0).to(tl.int64) * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
     byte_offsets = blocks[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]
     packed = tl.load(packed_ptr + byte_offsets, mask=byte_offsets < n_bytes, other=0).to(tl.int32)
-    if PAIRS:
-        # one shared-memory lookup per byte in a 256-entry table of the byte's two values
-        # (first code's float32 bits in the low word), built from the 16-entry table
-        byte = tl.arange(0, 256)
-        table = tl.load(table_ptr + tl.arange(0, 16))
-        first = tl.gather(table, byte >> 4, 0).to(tl.uint32, bitcast=True).to(tl.int64)
-        second = tl.gather(table, byte & 15, 0).to(tl.uint32, bitcast=True).to(tl.int64)
-        flat = tl.reshape(packed, [BLOCKS_PER_PROGRAM * (BLOCKSIZE // 2)])
-        entry = tl.reshape(tl.gather(first | (second << 32), flat, 0), [BLOCKS_PER_PROGRAM, BLOCKSIZE // 2])
-        high = (entry & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
-        low = ((entry >> 32) & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
-    else:
-        # The 16-entry table is 64 bytes: one cache line, so these gathers stay cheap.
-        high = tl.load(table_ptr + (packed >> 4))
-        low = tl.load(table_ptr + (packed & 0xF))
+    # The 16-entry table is 64 bytes: one cache line, so these gathers stay cheap.
+    high = tl.load(table_ptr + (packed >> 4))
+    low = tl.load(table_ptr + (packed & 0xF))
     if NESTED:
         # 8-bit absmax codes decoded as the reference does, ``code[q] * scale[block // 256]``
         # then ``+ offset``, each rounded once: mul_rn/add_rn keep the compiler from fusing them
@@ -298,7 +283,6 @@ class DequantLaunch(KeptLaunch):
             BLOCKS_PER_PROGRAM=blocks_per_program,
             NESTED=nested is not None,
             ABSMAX_BLOCKSIZE=absmax_blocksize,
-            PAIRS=_DEQUANT_PAIRS,
             INTERPRET=interpreting(),
         )
         super().__init__(_dequantize_4bit_kernel, (triton.cdiv(n_blocks, blocks_per_program),), constexprs,
