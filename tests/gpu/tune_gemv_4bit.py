@@ -30,19 +30,22 @@ BLOCKSIZE = 64
 
 
 def candidates(rows: int) -> list[tuple]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, use_dot, permute_a[, programs_per_sm[, pairs]])
-    configurations worth timing for ``rows``; pairs: the 256-entry byte table."""
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, use_dot, permute_a[, programs_per_sm]) configurations
+    worth timing for ``rows``."""
     out = []
-    if rows <= 2:  # the CUDA-core kernel, one program per row of A
-        for bn, bk, w, pairs in itertools.product((4, 8), (1024, 2048), (4, 8), (False, True)):
-            out.append((1, bn, bk, w, 1, False, True, 1, pairs))
+    if rows <= 2:  # the CUDA-core kernel, one program per row of A; stages > 1: more tiles in flight
+        for bn, bk, w, stages in itertools.product((4, 8), (2048, 4096), (4, 8), (1, 2, 3)):
+            out.append((1, bn, bk, w, stages, False, True))
     if 2 <= rows <= 8:  # CUDA cores, several rows per program sharing each decoded code
         for bm in sorted({2, min(rows, 4)}):
             for bn, bk, w in itertools.product((2, 4, 8), (1024, 2048), (4, 8)):
                 out.append((bm, bn, bk, w, 1, False, True))
+    if rows >= 2:  # tensor cores, one dot per code column of A permuted
+        for bn, bk, w in itertools.product((64, 128), (256, 512), (4, 8)):
+            out.append((16, bn, bk, w, 1, True, True))
     # tensor cores in k order, one dot per tile of one absmax block (BLOCK_K is capped at the blocksize)
-    for bn, w, pps, pairs in itertools.product((64, 128), (4, 8), (2, 4), (False, True)):
-        out.append((16, bn, 64, w, 3, True, False, pps, pairs))
+    for bn, w, pps in itertools.product((64, 128, 256), (4, 8), (2, 4)):
+        out.append((16, bn, 64, w, 3, True, False, pps))
     return out
 
 

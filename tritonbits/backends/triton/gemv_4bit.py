@@ -47,8 +47,7 @@ from .quant_4bit import decode_4bit, nested_absmax_args, nested_args
 
 # Launch configurations by row count: the first entry whose row limit covers the rows is used.
 # (max rows, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, use_dot, permute_a,
-# programs_per_sm[, pairs]). pairs: codes looked up a byte (two codes) at a time in a 256-entry
-# table built by each program (half the shared-memory lookups). BLOCK_M rows of A per program (CUDA cores: 1, 2 or 4 rows sharing each
+# programs_per_sm). BLOCK_M rows of A per program (CUDA cores: 1, 2 or 4 rows sharing each
 # decoded code). permute_a: A is copied to [rows, 8, K / 8] first (float32 for the CUDA-core
 # kernel), so that code j of a tile's words meets a contiguous run of A; otherwise A is read as
 # stored and a tile is decoded in k order (tensor cores: BLOCK_K is capped at the blocksize, so
@@ -96,7 +95,6 @@ def _gemv_4bit_kernel(
     USE_DOT: tl.constexpr,
     PERMUTED_A: tl.constexpr,
     NUM_STAGES: tl.constexpr,
-    PAIRS: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     # W is read as 32-bit words, 8 codes each (k = 8 w + j, little-endian bytes, high nibble
@@ -128,15 +126,7 @@ def _gemv_4bit_kernel(
     if USE_DOT:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         table_dot = cast_rtne(table, a_ptr.dtype.element_ty, INTERPRET)
-        if PAIRS:  # one lookup per byte instead of per code (see _pair_table)
-            pairs = _pair_table(table_dot)
-        else:
-            pairs = table_dot
     else:
-        if PAIRS:
-            pairs = _pair_table(table)
-        else:
-            pairs = table
         # rows of A left from row0 on, as tensors (masks must be tensors for the interpreter)
         left = tl.zeros((BLOCK_N, WORDS), dtype=tl.int32) + (M - row0)
         left_n = tl.zeros((BLOCK_N,), dtype=tl.int32) + (M - row0)
@@ -188,7 +178,7 @@ def _gemv_4bit_kernel(
             if USE_DOT:
                 # ROW_SCALE: the code values (the table in A's dtype) times A's tile on tensor
                 # cores, then times each row's absmax: nothing to scale or convert per element.
-                w_tile = tl.reshape(_decode(words, table_dot, pairs, PAIRS, BLOCK_N, WORDS), [BLOCK_N, BLOCK_K])
+                w_tile = tl.reshape(_decode_words(words, table_dot, BLOCK_N, WORDS), [BLOCK_N, BLOCK_K])
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 a_t = tl.load(a_rows[None, :] + offs_k[:, None], mask=mask_m[None, :], other=0.0)  # [BLOCK_K, BLOCK_M]
                 if INTERPRET:
@@ -197,7 +187,7 @@ def _gemv_4bit_kernel(
                     part = tl.dot(w_tile, a_t, out_dtype=tl.float32)
                 acc += part * scale[:, None]
             else:
-                values = _decode(words, table, pairs, PAIRS, BLOCK_N, WORDS)
+                values = _decode_words(words, table, BLOCK_N, WORDS)
                 # A's [WORDS, 8] run, loaded in the codes' 3-D layout (broadcast over W's rows);
                 # each decoded code serves every row of A in the program.
                 a_3d = a_row + tl.broadcast_to((word_k[:, None] + code_j[None, :])[None, :, :], (BLOCK_N, WORDS, 8))
@@ -215,7 +205,7 @@ def _gemv_4bit_kernel(
                 part2 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
                 part3 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
             # The tile's codes decoded at once, then taken apart into code columns (in-thread).
-            columns = _columns(_decode(words, table, pairs, PAIRS, BLOCK_N, WORDS))
+            columns = _columns(_decode_words(words, table, BLOCK_N, WORDS))
             for j in tl.static_range(8):
                 # A is stored as [rows, 8, K / 8]: code j of each word meets the contiguous run
                 # j * K / 8 + w.
@@ -279,49 +269,6 @@ def _decode_words(words, table, BLOCK_N: tl.constexpr, WORDS: tl.constexpr):
     nibbles = tl.join(even, odd)
     values = tl.gather(table, tl.reshape(nibbles, [BLOCK_N * WORDS * 8]), 0)
     return tl.reshape(values, [BLOCK_N, WORDS, 8])
-
-
-@triton.jit
-def _pair_table(table):
-    """The 16-entry table -> 256 entries, one per byte of two codes: the first code's value (high
-    nibble) in the low half of the entry, the second's in the high half (int64 entries for a
-    float32 table, int32 for 16-bit ones). Built once per program from the table in registers."""
-    byte = tl.arange(0, 256)
-    first = tl.gather(table, byte >> 4, 0)
-    second = tl.gather(table, byte & 15, 0)
-    if table.dtype == tl.float32:
-        low = first.to(tl.uint32, bitcast=True).to(tl.int64)
-        high = second.to(tl.uint32, bitcast=True).to(tl.int64)
-        return low | (high << 32)
-    else:
-        low = first.to(tl.uint16, bitcast=True).to(tl.int32)
-        high = second.to(tl.uint16, bitcast=True).to(tl.int32)
-        return low | (high << 16)
-
-
-@triton.jit
-def _decode_word_pairs(words, pairs, dtype: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr):
-    """:func:`_decode_words` through the 256-entry byte table of :func:`_pair_table`: one gather
-    per two codes (half the shared-memory lookups), values of ``dtype`` (the table's)."""
-    # byte m of a word holds codes 2 m and 2 m + 1: [BLOCK_N, WORDS, 2, 2] holds byte 2 a + b at [..., a, b]
-    b = tl.join(tl.join(words & 255, (words >> 16) & 255), tl.join((words >> 8) & 255, (words >> 24) & 255))
-    entries = tl.reshape(tl.gather(pairs, tl.reshape(b, [BLOCK_N * WORDS * 4]), 0), [BLOCK_N, WORDS, 2, 2])
-    if dtype == tl.float32:
-        first = (entries & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
-        second = ((entries >> 32) & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
-    else:
-        first = (entries & 0xFFFF).to(tl.uint16).to(dtype, bitcast=True)
-        second = ((entries >> 16) & 0xFFFF).to(tl.uint16).to(dtype, bitcast=True)
-    return tl.reshape(tl.join(first, second), [BLOCK_N, WORDS, 8])  # code 4 a + 2 b + c at [..., a, b, c]
-
-
-@triton.jit
-def _decode(words, table, pairs, PAIRS: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr):
-    """[BLOCK_N, WORDS] words -> [BLOCK_N, WORDS, 8] code values in k order, by nibble or by byte."""
-    if PAIRS:
-        return _decode_word_pairs(words, pairs, table.dtype, BLOCK_N, WORDS)
-    else:
-        return _decode_words(words, table, BLOCK_N, WORDS)
 
 
 @triton.jit
@@ -402,7 +349,6 @@ class GemvLaunch(KeptLaunch):
                  nested_args, code, blocksize: int, config) -> None:  # fmt: skip
         block_m, block_n, block_k, warps, stages, use_dot, permute_a, *rest = config
         programs_per_sm = rest[0] if rest else 1
-        pairs = bool(rest[1]) if len(rest) > 1 else False
         if not use_dot and block_m not in (1, 2, 4):
             raise ValueError(f"the CUDA-core gemv kernel takes 1, 2 or 4 rows per program, got BLOCK_M={block_m}")
         if use_dot and not permute_a:
@@ -431,7 +377,6 @@ class GemvLaunch(KeptLaunch):
             USE_DOT=use_dot,
             PERMUTED_A=permute_a,
             NUM_STAGES=stages,
-            PAIRS=pairs,
             INTERPRET=interpreting(),
         )
         super().__init__(_gemv_4bit_kernel, (n_programs, self.split_k, m_programs), constexprs, warps)
