@@ -57,7 +57,8 @@ from .quant_4bit import decode_4bit, nested_absmax_args, nested_args
 # tests/gpu/tune_gemv_4bit.py (NF4, blocksize 64, bf16, kernel times through CUDA graphs); on an
 # H200 (2026-12-03, benchmarks/results/20261203-h200-session5/) against bf16 F.linear: one row
 # 1.38x at 8192x28672 (90.7 us, 34% of the harness's copy bandwidth), 0.94x at 4096x4096 (11.2 us);
-# 16 rows in k order on tensor cores 0.95x at 8192x28672 (130 us; bitsandbytes 372 us) and
+# 16 rows in k order on tensor cores 0.95x at 8192x28672 (130 us; bitsandbytes 372 us; 0.85x
+# in the harness's CUDA-graph table, where bf16 took 110 us rather than 124 us) and
 # 0.67x at 4096x4096 (14.6 us), where bf16's weight is read from L2. The k-order tensor-core
 # entry replaced one dot per code column of A permuted, which ran 0.41x bf16 at 5-16 rows on
 # an H100 (2026-11-24).
