@@ -54,14 +54,12 @@ def bnb_cpu_4bit_inexact() -> Optional[str]:
         import bitsandbytes.functional as bnbF
     except ImportError:
         return "bitsandbytes is not installed"
-    from tritonbits.codebooks import get_4bit_type
+    from tritonbits.backends.torch.quant_4bit import dequantize_4bit
 
     dense = torch.randn(10, 96, generator=torch.Generator().manual_seed(0))
     packed, state = bnbF.quantize_4bit(dense, blocksize=64, quant_type="nf4")
-    flat = packed.view(torch.uint8).reshape(-1).long()
-    codes = torch.stack([flat >> 4, flat & 15], 1).reshape(-1)[: dense.numel()]
-    decoded = get_4bit_type("nf4")[codes].float() * state.absmax.float().repeat_interleave(64)[: dense.numel()]
-    if not torch.equal(bnbF.dequantize_4bit(packed, state).reshape(-1), decoded):
+    decoded = dequantize_4bit(packed, state.absmax, 64, "nf4", dense.shape, torch.float32)  # the format's decoding
+    if not torch.equal(bnbF.dequantize_4bit(packed, state), decoded):
         return "bitsandbytes' CPU dequantize_4bit on this CPU does not decode its own bytes as the format says"
     return None
 

@@ -142,8 +142,9 @@ def _dequantize_4bit_kernel(
     tl.store(out_ptr + offsets, cast_rtne(values, out_ptr.dtype.element_ty, INTERPRET), mask=offsets < n)
 
 
-def _ordered(bits: torch.Tensor) -> torch.Tensor:
-    """float32 bit patterns (int64) -> integers in the order of their values (-0 == +0)."""
+def _ordered(values: torch.Tensor) -> torch.Tensor:
+    """float32 values -> int64 keys in the order of the values (-0 and +0 both 0)."""
+    bits = values.view(torch.int32).long() & 0xFFFFFFFF
     return torch.where(bits >= 2**31, 2**31 - bits, bits)
 
 
@@ -170,13 +171,10 @@ def _bucket_entries(quant_type: str) -> torch.Tensor:
     def codes_at(keys: torch.Tensor) -> torch.Tensor:  # ordered keys of x / absmax -> codes
         return encode_4bit(_from_ordered(keys), quant_type).long()
 
-    def key(values: torch.Tensor) -> torch.Tensor:
-        return _ordered(values.view(torch.int32).long() & 0xFFFFFFFF)
-
     # bisection on the float32 values of x / absmax in [b / 32, (b + 1) / 32), so that every
     # value is one the kernel sees (value = 32 * x / absmax exactly)
     starts = torch.arange(-33, 33, dtype=torch.float32) / 32
-    lo, hi = key(starts), key(starts + 1 / 32) - 1
+    lo, hi = _ordered(starts), _ordered(starts + 1 / 32) - 1
     first, last = codes_at(lo), codes_at(hi)
     a, b = lo.clone(), hi.clone()  # codes_at(a) == first; b: the first key with another code
     while bool(((b - a) > 1).any()):
