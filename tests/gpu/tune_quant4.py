@@ -33,7 +33,7 @@ def main():
             print(f"quantize   {quant_type} bs{blocksize} tile {tile:5d} warps {warps} shared table {shared:d}: {t:.4f} ms "
                   f"{q_bytes / (t * 1e-3) / copy_bw:6.1%} of copy  identical={same}", flush=True)
         kernels._TILE, kernels._QUANT_WARPS, kernels._SHARED_TABLE = defaults
-        for elements, warps in itertools.product([4096], [4]) if quant_type == "nf4" else ():
+        for elements, warps in itertools.product([2048, 4096, 8192], [4, 8]):
             kernels._DEQUANT_ELEMENTS, kernels._DEQUANT_WARPS = elements, warps
             out = kernels.dequantize_4bit(ref_packed, ref_absmax, blocksize, quant_type, [8192, 8192], x.dtype)
             same = torch.equal(out, ref_out)
