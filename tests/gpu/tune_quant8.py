@@ -10,7 +10,8 @@ Run on a CUDA machine from the repository root (about 1 minute, 14 GB of GPU mem
    three codes: the dynamic map (sorted: rank = index), a shuffled random code (the ``order``
    gather) and a crowded code (the binary-search path for crowded groups).
 3. quantize_blockwise of 2**28 float32 and 2**27 bfloat16 values, blocksize 4096 and 256: for
-   each (elements per program, warps) the median of 20 calls after 5 warm-ups (CUDA events) and
+   each (elements per program, warps, register cap ``_QUANT_MAXNREG``: None = the compiler's
+   choice) the median of 20 calls after 5 warm-ups (CUDA events) and
    the fraction of copy bandwidth reached at bytes = input + codes + absmax. The best variant of
    each case is marked; the old tree-walk kernel (embedded below) is timed with its settings.
 4. ``tritonbits.optim.AdamW8bit.step()`` on 16 float32 parameters of 4096x16384 with gradients:
@@ -122,10 +123,16 @@ CASES = [(torch.float32, 2**28, 4096), (torch.float32, 2**28, 256), (torch.bfloa
          (torch.bfloat16, 2**27, 256)]  # fmt: skip
 
 
-def variants(blocksize: int) -> list[tuple[int, int]]:
-    """(elements per program, warps) to try: a program holds whole blocks."""
+def variants(blocksize: int) -> list[tuple[int, int, int | None]]:
+    """(elements per program, warps, register cap) to try: a program holds whole blocks.
+
+    The caps matter at 16 elements per thread (about 75 registers uncapped: 3 programs of 8 warps
+    per SM; 64: 4 programs, no spill on the hot path; 48: 5 programs, some spills).
+    """
     tiles = [4096, 8192] if blocksize == 4096 else [2048, 4096, 8192]
-    return [(tile, warps) for tile in tiles for warps in (4, 8)]
+    plain = [(tile, warps, None) for tile in tiles for warps in (4, 8)]
+    capped = [(tile, warps, cap) for tile, warps, _ in plain if tile // (32 * warps) == 16 for cap in (64, 48)]
+    return plain + capped
 
 
 def codes_to_check(gen) -> dict:
@@ -135,8 +142,8 @@ def codes_to_check(gen) -> dict:
     return {"dynamic": create_dynamic_map(signed=True).cuda(), "shuffled": shuffled, "crowded": crowded}
 
 
-def check_variant(dtype, blocksize: int, tile: int, warps: int, codes: dict, gen) -> bool:
-    kernels._TILE, kernels._QUANT_WARPS = tile, warps
+def check_variant(dtype, blocksize: int, tile: int, warps: int, maxnreg, codes: dict, gen) -> bool:
+    kernels._TILE, kernels._QUANT_WARPS, kernels._QUANT_MAXNREG = tile, warps, maxnreg
     A = (torch.randn(2**22 + 123, generator=gen, device="cuda") * 3).to(dtype)
     A[A.numel() // 3] = float("nan")
     ok = True
@@ -147,7 +154,7 @@ def check_variant(dtype, blocksize: int, tile: int, warps: int, codes: dict, gen
             ok = False
             differing = (got[0] != expected[0]).sum().item()
             FAILURES.append(
-                f"quantize {dtype} bs{blocksize} tile {tile} warps {warps} code {name}: "
+                f"quantize {dtype} bs{blocksize} tile {tile} warps {warps} maxnreg {maxnreg} code {name}: "
                 f"{differing} codes differ, absmax same: {same(got[1], expected[1])}"
             )
     return ok
@@ -157,30 +164,30 @@ def time_quantize(copy_bw: float) -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     codes = codes_to_check(gen)
     code = create_dynamic_map(signed=True).cuda()
-    defaults = (kernels._TILE, kernels._QUANT_WARPS)
+    defaults = (kernels._TILE, kernels._QUANT_WARPS, kernels._QUANT_MAXNREG)
     for dtype, n, blocksize in CASES:
         A = (torch.randn(n, generator=gen, device="cuda") * 3).to(dtype)
         bytes_moved = A.numel() * A.element_size() + n + 4 * (n // blocksize)
         label = f"quantize {str(dtype)[6:]:8s} n=2**{n.bit_length() - 1} bs{blocksize:<5d}"
         results = []
-        for tile, warps in variants(blocksize):
-            identical = check_variant(dtype, blocksize, tile, warps, codes, gen)
-            kernels._TILE, kernels._QUANT_WARPS = tile, warps
+        for tile, warps, maxnreg in variants(blocksize):
+            identical = check_variant(dtype, blocksize, tile, warps, maxnreg, codes, gen)
+            kernels._TILE, kernels._QUANT_WARPS, kernels._QUANT_MAXNREG = tile, warps, maxnreg
             ms = median_ms(lambda A=A, blocksize=blocksize: kernels.quantize_blockwise(A, code, blocksize))
             fraction = bytes_moved / (ms * 1e-3) / copy_bw
-            results.append((ms, tile, warps))
-            print(f"{label} tile {tile:5d} warps {warps}: {ms:7.4f} ms {fraction:6.1%} of copy identical={identical}",
-                  flush=True)  # fmt: skip
-        ms, tile, warps = min(results)
-        print(f"{label} BEST tile {tile} warps {warps}: {ms:.4f} ms {bytes_moved / (ms * 1e-3) / copy_bw:.1%} of copy",
-              flush=True)  # fmt: skip
+            results.append((ms, tile, warps, str(maxnreg)))
+            print(f"{label} tile {tile:5d} warps {warps} maxnreg {str(maxnreg):4s}: {ms:7.4f} ms "
+                  f"{fraction:6.1%} of copy identical={identical}", flush=True)  # fmt: skip
+        ms, tile, warps, maxnreg = min(results)
+        print(f"{label} BEST tile {tile} warps {warps} maxnreg {maxnreg}: {ms:.4f} ms "
+              f"{bytes_moved / (ms * 1e-3) / copy_bw:.1%} of copy", flush=True)  # fmt: skip
         tables = tree_tables(code)
         tree_ms = median_ms(lambda A=A, tables=tables, blocksize=blocksize: tree_quantize(A, tables, blocksize))
         print(f"{label} old tree walk: {tree_ms:7.4f} ms {bytes_moved / (tree_ms * 1e-3) / copy_bw:6.1%} of copy "
               f"(new best {tree_ms / ms:.2f}x faster)", flush=True)  # fmt: skip
         del A
         torch.cuda.empty_cache()
-    kernels._TILE, kernels._QUANT_WARPS = defaults
+    kernels._TILE, kernels._QUANT_WARPS, kernels._QUANT_MAXNREG = defaults
 
 
 # ---------------------------------------------------------------------------------------------

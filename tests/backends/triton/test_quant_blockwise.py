@@ -119,6 +119,8 @@ def _codes(rng):
     negative_zeros[120:130] = -0.0
     # 8 exponents, each needing 2**11 cells: more than the tables hold.
     over_budget = torch.cat([2.0**-e * (1 + torch.arange(32) * 2.0**-11) for e in range(1, 9)])
+    # Midpoints 2**-14 apart in [0.25, 0.5): 2**11 cells in that group, still not crowded.
+    fine_cells = torch.cat([torch.linspace(-1, 1, 253), 0.375 + torch.arange(1, 4) * 2.0**-14])
     return {
         "dynamic_signed": (create_dynamic_map(signed=True), False),
         "dynamic_unsigned": (create_dynamic_map(signed=False), False),
@@ -129,6 +131,7 @@ def _codes(rng):
         "negative_zeros": (negative_zeros, True),  # equal midpoints, and -0.0 entries
         "tiny": (torch.cat([torch.zeros(1), torch.logspace(-44, 0, 255)]), True),  # subnormals, repeats
         "over_budget": (over_budget, True),
+        "fine_cells": (fine_cells[torch.randperm(256, generator=rng)], False),
     }
 
 
@@ -147,9 +150,15 @@ def _probes(code, rng):
     up, down = torch.tensor(float("inf")), torch.tensor(float("-inf"))
     special = [0.0, -0.0, float("nan"), -float("nan"), 1.0, -1.0, 1.0 + 2**-23, -1.0 - 2**-23, 1.0 - 2**-24]
     tiny = torch.tensor([2.0**-149, 2.0**-126, 2.0**-100, 2.0**-24, 2.0**-20, 1e-7, 1e-6, 1e-5])
+    # Group and cell edges: powers of two (a group's first key) and the floats just below them
+    # (its last key: all mantissa bits set), of both signs.
+    powers = torch.tensor([2.0**-e for e in range(150)])
+    edges = torch.cat([powers, torch.nextafter(powers, down), -powers, -torch.nextafter(powers, down)])
+    # NaNs with other payloads (the kernel passes payloads through): exponent-255 groups.
+    nans = torch.tensor([0x7F800001, 0x7FFFFFFF, -1, -0x7FFFFF, 0x7FC00001], dtype=torch.int32).view(torch.float32)
     return torch.cat([
         m, torch.nextafter(m, up), torch.nextafter(m, down), -m, torch.nextafter(-m, up),
-        torch.tensor(special), tiny, -tiny, torch.rand(3000, generator=rng) * 2 - 1,
+        torch.tensor(special), tiny, -tiny, edges, nans, torch.rand(3000, generator=rng) * 2 - 1,
         torch.randn(3000, generator=rng) * 0.05, torch.logspace(-45, 0, 500), -torch.logspace(-45, 0, 500),
     ]).float()  # fmt: skip
 

@@ -14,28 +14,31 @@ touching up to 8 cache lines per warp. Here the float's own bits do most of the 
    resolution ``mb``: the group is cut into ``2**mb`` cells by the top ``mb`` mantissa bits. ``mb``
    is chosen per code and group, the smallest that leaves at most one midpoint in each cell:
    dense groups get fine cells, groups without midpoints a single one.
-2. Cell record (16 bits): ``base``, the number of midpoints below the cell, and ``t8``, the 8
-   bits of the cell's midpoint right below the cell's own bits (255 if it has none). ``x``
-   compares its own 8 bits there with ``t8``; only where they are equal (about 1 element in 256)
-   does it load the float midpoint. ``rank = base + (x > midpoint)``.
+2. Cell record (int32): ``base``, the number of midpoints below the cell (low 8 bits), under the
+   23 mantissa bits of the cell's midpoint (bits 8-30; all ones if the cell has none). Within
+   a cell the top ``mb`` bits are equal, so ``x > midpoint`` is ``x``'s mantissa (shifted the
+   same way) exceeding the record's: the sign bit of one subtraction, and
+   ``rank = base + (x > midpoint)`` is ``record + that bit`` (low 8 bits).
 3. ``order[rank]`` (uint8) is the code index; skipped (one branch per program) when the code is
    sorted, as the dynamic maps are.
 
-Comparisons run on ``key = bits ^ ((bits >> 31) & 0x7FFFFFFF)``, an integer that orders floats as
-``<`` does, so both signs are handled alike; midpoints equal to -0.0 are stored as +0.0, which
+Mantissas are those of ``key = bits ^ ((bits >> 31) & 0x7FFFFFFF)``, an integer that orders floats
+as ``<`` does, so both signs are handled alike; midpoints equal to -0.0 are stored as +0.0, which
 ``x > m`` cannot tell apart. ``x`` is never infinite (``|x| <= 1`` after scaling, or NaN), so the
 two exponent-255 groups give rank 255, NaN's rank.
 
-Per element: two or three gathers (group entry, cell record, ``order``) and a rare fourth. With
-the dynamic map and normal data a warp touches about 1 + 5.5 (+ 2) cache lines for them, against
-about 14 for the tree walk this replaced; the compiled kernel (sm_90) runs about 50 instructions
-per element against 84. Tables, one int32 buffer per
-code (``TABLE_WORDS``: 11.9 KiB): group entries and 2 flags (2 KiB), midpoints (1 KiB), final
-code indices by rank (768 B, room for 3 cases), ``CELLS`` cell records (8 KiB; the dynamic maps
-use about 900). They are built on the device (a ``torch.sort`` and two small kernels), without
-host synchronization, and cached per code tensor (:func:`cached_search_tables`).
+Per element: two dependent gathers (group entry, cell record) and, for unsorted codes, the
+``order`` one. With the dynamic map and normal data a warp touches about 1 + 9.7 (+ 2) cache lines
+for them (the int16 records plus a rare midpoint load of the previous version: 1 + 6.1 + 2, a
+tree walk about 14); the compiled kernel (sm_90, 16 elements per thread) runs about 25
+instructions per element on its hot path, against 34 for the int16 records and 84 for the tree
+walk. Tables, one int32 buffer per code (``TABLE_WORDS``: 19.9 KiB): group entries and 2 flags
+(2 KiB), midpoints (1 KiB), final code indices by rank (768 B, room for 3 cases), ``CELLS`` cell
+records (16 KiB; the dynamic maps use about 900). They are built on the device (a
+``torch.sort`` and two small kernels), without host synchronization, and cached per code tensor
+(:func:`cached_search_tables`).
 
-Crowded codes: if two midpoints of one group share their top 15 mantissa bits (or are equal, as
+Crowded codes: if two midpoints of one group share their top 12 mantissa bits (or are equal, as
 repeated code entries make them), or the cells would not fit in ``CELLS``, the group is marked
 crowded, and a tile holding one of its elements also runs an 8-step binary search over the
 midpoints for them (one branch per program: codes without crowded groups never pay for it).
@@ -59,6 +62,9 @@ from . import cast_rtne, interpreting, warn_once
 # 8 warps 67-71% of copy bandwidth for float32 at blocksize 256 and 4096, 62-63% at 4 warps).
 _TILE = 4096
 _QUANT_WARPS = None
+# Register cap for the quantize kernel (None: the compiler's choice, about 75 at 16 elements per
+# thread, 3 programs of 8 warps per SM; 64 allows 4 with no spill on the hot path).
+_QUANT_MAXNREG = None
 # Largest (padded) block kept whole in one program's registers; larger blocks use the reference.
 _MAX_BLOCK = 16384
 _CODE_SIZE = 256
@@ -68,9 +74,9 @@ _CODE_SIZE = 256
 GROUPS_WORD = 0  # 512 group entries, then two flags: some group is crowded; order is identity
 MIDPOINTS_WORD = 544  # 256 float32: the sorted midpoints, +inf at 255
 ORDER_WORD = 800  # 768 bytes: code index by rank, up to 3 cases of 256 (quantize: 1, order)
-RECORDS_WORD = 992  # CELLS int16 cell records
+RECORDS_WORD = 992  # CELLS int32 cell records
 CELLS = 4096
-TABLE_WORDS = RECORDS_WORD + CELLS // 2
+TABLE_WORDS = RECORDS_WORD + CELLS
 _GROUPS = tl.constexpr(512)
 _MIDPOINTS = tl.constexpr(MIDPOINTS_WORD)
 _ORDER = tl.constexpr(ORDER_WORD)
@@ -84,7 +90,7 @@ _CELLS = tl.constexpr(CELLS)
 
 @triton.jit
 def _records(tables_ptr):
-    return (tables_ptr + _RECORDS).to(tl.pointer_type(tl.int16))
+    return tables_ptr + _RECORDS
 
 
 @triton.jit
@@ -129,19 +135,14 @@ def nearest_rank(x, tables_ptr):
     smaller one, NaN last. ``tables_ptr``: the int32 buffer of :func:`search_tables`.
     """
     bits = x.to(tl.int32, bitcast=True)
-    key = _key(bits)
-    entry = tl.load(tables_ptr + _group(bits))  # first cell << 16 | crowded << 15 | 15 - mb
-    # The key's mantissa bits from bit 15 - mb up: the cell within the group (top mb bits), then
-    # the 8 bits compared with the cell's midpoint.
-    low = (key & 0x7FFFFF) >> (entry & 31)
-    cell = (entry >> 16) + (low >> 8)
-    record = tl.load(_records(tables_ptr) + cell).to(tl.uint16, bitcast=True).to(tl.int32)
-    base = record & 255
-    threshold8 = record >> 8
-    key8 = low & 255
-    # Equal 8 bits: compare with the midpoint itself (+inf where not loaded, so never above).
-    midpoint = tl.load(_midpoints(tables_ptr) + base, mask=key8 == threshold8, other=float("inf"))
-    rank = base + ((key8 > threshold8) | (x > midpoint)).to(tl.int32)
+    entry = tl.load(tables_ptr + _group(bits))  # first cell << 16 | crowded << 15 | 31 - mb
+    # The key's 23 mantissa bits, shifted up by 8 (bit 31 clear): the top mb pick the cell.
+    mantissa8 = ((bits << 8) ^ (bits >> 31)) & 0x7FFFFF00
+    record = tl.load(_records(tables_ptr) + ((entry >> 16) + (mantissa8 >> (entry & 31))))
+    # x > the cell's midpoint iff its mantissa exceeds the record's (the cell bits are equal):
+    # then record - mantissa8 < 0 (no overflow: both are in [0, 2**31)).
+    above = (record - mantissa8).to(tl.uint32, bitcast=True) >> 31
+    rank = (record + above.to(tl.int32)) & 255
     if tl.load(tables_ptr + _GROUPS) != 0:  # uniform: some group of this code is crowded
         crowded = (entry >> 15) & 1
         if tl.max(crowded) > 0:
@@ -189,8 +190,8 @@ def _build_groups_kernel(sorted_ptr, order_ptr, tables_ptr, PAIRS: tl.constexpr)
         need = tl.maximum(need, tl.max(tl.where(group[None, :] == groups[:, None], mb[None, :], 0), axis=1))
     need = tl.where(groups >= 510, 0, need)  # exponent 255 (NaN): one cell, rank 255
 
-    # Largest resolution cap (<= 15: the 8 compared bits must fit below the cell's) whose cells
-    # fit; groups needing more are crowded and get one cell.
+    # Largest resolution cap whose cells fit (so at most 12 bits: 2**13 cells do not); groups
+    # needing more are crowded and get one cell.
     cap = tl.sum(need * 0)
     for c in tl.static_range(16):
         cells = tl.sum(tl.where(need <= c, tl.full([512], 1, tl.int32) << need, 1))
@@ -199,23 +200,23 @@ def _build_groups_kernel(sorted_ptr, order_ptr, tables_ptr, PAIRS: tl.constexpr)
     mb = tl.where(crowded, 0, need)
     size = tl.full([512], 1, tl.int32) << mb
     start_cell = tl.cumsum(size, axis=0) - size
-    tl.store(tables_ptr + groups, (start_cell << 16) | (crowded.to(tl.int32) << 15) | (15 - mb))
+    tl.store(tables_ptr + groups, (start_cell << 16) | (crowded.to(tl.int32) << 15) | (31 - mb))
     tl.store(tables_ptr + _GROUPS, tl.max(crowded.to(tl.int32), axis=0))
 
 
 @triton.jit
 def _build_cells_kernel(tables_ptr, BLOCK: tl.constexpr):
-    """Cell records ``base | t8 << 8`` (int16) for BLOCK cells per program."""
+    """Cell records (int32) ``midpoint mantissa << 8 | base`` for BLOCK cells per program."""
     cell = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     # The group owning the cell: how many groups end at or before it (binary search, 9 steps).
     group = tl.zeros([BLOCK], tl.int32)
     for level in tl.static_range(9):
         step = 256 >> level
         entry = tl.load(tables_ptr + group + (step - 1))
-        end = (entry >> 16) + (1 << (15 - (entry & 31)))
+        end = (entry >> 16) + (1 << (31 - (entry & 31)))
         group = tl.where(end <= cell, group + step, group)
     entry = tl.load(tables_ptr + group)
-    shift = (entry & 31) + 8  # 23 - mb
+    shift = (entry & 31) - 8  # 23 - mb: the key bits below the cell's
     # Key range of the cell: the group's smallest key plus the cell's offset in it.
     group_key = ((group & 1) << 31) | (((group >> 1) ^ ((group & 1) * 255)) << 23)
     key_lo = group_key + ((cell - (entry >> 16)) << shift)
@@ -229,9 +230,10 @@ def _build_cells_kernel(tables_ptr, BLOCK: tl.constexpr):
     first = _key(tl.load(tables_ptr + _MIDPOINTS + base))
     second = _key(tl.load(tables_ptr + _MIDPOINTS + tl.minimum(base + 1, 255)))
     single = (first < key_hi) & (second >= key_hi)  # exactly one midpoint in the cell
-    threshold8 = tl.where(single, (first >> (shift - 8)) & 255, 255)
-    record = tl.where(group >= 510, 0xFFFF, base | (threshold8 << 8))  # NaN: rank 255, no tie
-    tl.store(_records(tables_ptr) + cell, record.to(tl.int16))
+    # No midpoint: the largest mantissa, which no key of the cell exceeds.
+    record = (tl.where(single, first & 0x7FFFFF, 0x7FFFFF) << 8) | base
+    record = tl.where(group >= 510, 0x7FFFFFFF, record)  # NaN: rank 255
+    tl.store(_records(tables_ptr) + cell, record)
 
 
 def search_tables(code: torch.Tensor) -> torch.Tensor:
@@ -378,6 +380,7 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> t
         BLOCKS_PER_PROGRAM=blocks_per_program,
         INTERPRET=interpreting(),
         num_warps=_QUANT_WARPS or (8 if tile >= 4096 else 4),
+        **({"maxnreg": _QUANT_MAXNREG} if _QUANT_MAXNREG else {}),
     )
     return codes, absmax
 
