@@ -14,8 +14,8 @@ float32, as they do in the reference's ``tensor * float``.
 elements, a ``[blocks, 256]`` tile in registers. It dequantizes the codes (``qmap[code] *
 absmax``), applies the rule in float32, takes each block's new absmax (a row reduction: the
 whole block must be updated before any element can be requantized), finds the rank of each
-value among the qmap's midpoints (the search of ``quant_blockwise.py``: two table gathers, rarely a
-third), maps rank and sign to the code through one uint8 table that holds the reference's sign
+value among the qmap's midpoints (the search of ``quant_blockwise.py``: two dependent table
+gathers), maps rank and sign to the code through one uint8 table that holds the reference's sign
 rules, and writes the parameter, the codes and the absmax. So a step reads ``g``, ``p``, the codes
 and absmax once and writes ``p``, codes and absmax once.
 
