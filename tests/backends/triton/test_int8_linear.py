@@ -80,7 +80,8 @@ def test_threshold_compares_in_float16(device, launcher, reference, rng):
 
 
 def test_outliers_in_one_k_tile_only(device, launcher, reference, rng):
-    # K = 1024 in 256-wide tiles: only the third holds outlier columns; the others skip them.
+    # K = 1024 in 512-wide K tiles, outliers taken 64 columns at a time: only the second tile
+    # holds outlier columns, in two of its eight steps (640-703, 704-767); the rest are skipped.
     CB, SCB = _weight(rng, 64, 1024, device)
     A = _activations(rng, (3, 1024), torch.bfloat16, device)
     A[1, 700], A[2, 709] = 9.0, -12.0

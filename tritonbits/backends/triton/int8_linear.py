@@ -17,13 +17,17 @@ and kept on the layer's state, do all of it with no host sync:
    columns zeroed (the rows' stats from program 0);
 3. the product: each program owns BLOCK_N outputs of every row (BLOCK_M = 16, the smallest int8
    tensor-core tile) and streams the codes and CB through ``tl.dot`` at the weight's bandwidth;
-   a K tile flagged as holding outlier columns also multiplies those columns of A in A's dtype
-   against that tile of CB dequantized (``CB * SCB / 127`` rounded to A's dtype, as the
-   reference does), so a call without outliers pays one scalar load per tile for them.
+   then, in a second loop over the K tiles, a tile flagged as holding outlier columns multiplies
+   those columns of A in A's dtype against CB's columns dequantized (``CB * SCB / 127`` rounded
+   to A's dtype, as the reference does), 64 columns at a time, so a call without outliers pays
+   one scalar load per tile for them.
 
 A first version quantized A inside the product's K loop (one kernel): every program then redid
 that work and the row reductions, 102-110 us on 8192x28672 against 85 us for the product alone,
-and the per-tile outlier reductions made threshold 6.0 take 230 us. The flags [K] (bool) are
+and the per-tile outlier reductions made threshold 6.0 take 230 us. A second version took the
+outliers inside the product's loop, which capped the K tile at 128 (the float32 outlier tile's
+shared memory) and put a branch in the loop: threshold 6.0 took 110 us where 0.0 took 85 (H100),
+with no outlier in A. The flags [K] (bool) are
 returned; ``MatmulLtState.idx`` is derived from them when read.
 
 Bit-identity: without outlier columns the result equals the reference bit for bit (the int32
@@ -121,15 +125,38 @@ def _quantize_chunks_kernel(
 
 
 @triton.jit
+def _outlier_columns_product(
+    acc, a_ptr, flags_ptr, cb_cols, scb, offs_m, offs_k, M, K, stride_am, inv_127,
+    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+):  # fmt: skip
+    """acc [BLOCK_M, BLOCK_N] float32 plus the product of A's outlier columns among offs_k with
+    those columns of CB dequantized to A's dtype (acc unchanged when none of them is flagged)."""
+    columns = tl.load(flags_ptr + offs_k, mask=offs_k < K, other=0)
+    if tl.max(columns.to(tl.int32), axis=0) != 0:
+        a = _load_a(a_ptr, offs_m, offs_k, M, K, stride_am, EVEN_K)
+        a = tl.where(columns[None, :] != 0, a, 0.0)
+        if EVEN_K:
+            cb = tl.load(cb_cols + offs_k[:, None])
+        else:
+            cb = tl.load(cb_cols + offs_k[:, None], mask=(offs_k < K)[:, None], other=0)
+        w = cast_rtne((cb.to(tl.float32) * scb[None, :]) * inv_127, a_ptr.dtype.element_ty, INTERPRET)
+        # float32 operands: float16/bfloat16 values are exact in TF32, so the products are those
+        # of a 16-bit dot (whose bfloat16 form the interpreter gets wrong); float32 A needs IEEE.
+        acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _int8_linear_kernel(
     q_ptr, stats_ptr, cb_ptr, scb_ptr, bias_ptr, out_ptr, a_ptr, flags_ptr, tile_flags_ptr,
     M, N, K, stride_cbn, stride_om, stride_am, inv_127, inv_127_sq,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, OUTLIERS: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    HAS_BIAS: tl.constexpr, OUTLIERS: tl.constexpr, OUTLIER_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):  # fmt: skip
     """BLOCK_N outputs of every row: the int8 product of the codes q [M, K] with CB [N, K],
-    dequantized (+ bias); K tiles flagged as holding outlier columns add those columns' product
-    in A's dtype."""
+    dequantized (+ bias); K tiles flagged as holding outlier columns then add those columns'
+    product in A's dtype, OUTLIER_K columns at a time."""
     pid_n = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -146,16 +173,19 @@ def _int8_linear_kernel(
         else:
             cb = tl.load(cb_cols + offs_k[:, None], mask=(offs_k < K)[:, None], other=0)
         acc = tl.dot(q, cb, acc, out_dtype=tl.int32)
-        if OUTLIERS:
+    if OUTLIERS:
+        # A loop of its own, after the product's: a branch in the product's loop keeps Triton
+        # from pipelining its loads, and the float32 operands of the outlier dot would need more
+        # shared memory than a long K tile leaves. Without outliers it is one flag load per tile.
+        sub_ks = tl.arange(0, OUTLIER_K)
+        for k_tile in range(0, tl.cdiv(K, BLOCK_K)):
             if tl.load(tile_flags_ptr + k_tile) != 0:
-                columns = tl.load(flags_ptr + offs_k, mask=offs_k < K, other=0)
-                a = _load_a(a_ptr, offs_m, offs_k, M, K, stride_am, EVEN_K)
-                a_out = tl.where(columns[None, :] != 0, a, 0.0)
-                w = cast_rtne((cb.to(tl.float32) * scb[None, :]) * inv_127, a_ptr.dtype.element_ty, INTERPRET)
-                # float32 operands: float16/bfloat16 values are exact in TF32, so the products are
-                # those of a 16-bit dot (whose bfloat16 form the interpreter gets wrong); float32 A
-                # needs IEEE products.
-                outlier_acc = tl.dot(a_out.to(tl.float32), w.to(tl.float32), outlier_acc, input_precision=DOT_PRECISION)
+                for sub in range(0, BLOCK_K // OUTLIER_K):
+                    offs_k = k_tile * BLOCK_K + sub * OUTLIER_K + sub_ks
+                    outlier_acc = _outlier_columns_product(
+                        outlier_acc, a_ptr, flags_ptr, cb_cols, scb, offs_m, offs_k, M, K, stride_am, inv_127,
+                        EVEN_K, DOT_PRECISION, INTERPRET,
+                    )  # fmt: skip
 
     row_stats = tl.load(stats_ptr + offs_m, mask=offs_m < M, other=0.0)
     out = dequantize_values(acc, row_stats, scb, bias_ptr, offs_n, N, inv_127_sq, HAS_BIAS, INTERPRET)
@@ -190,10 +220,7 @@ class Int8LinearLaunch:
     def __init__(self, rows: int, N: int, K: int, dtype: torch.dtype, device: torch.device, CB, SCB,
                  has_bias: bool, threshold: float) -> None:  # fmt: skip
         block_n = 128 if triton.cdiv(N, 128) >= int8_matmul._multiprocessors(device) else 64
-        # The outlier variant also holds a float32 [BLOCK_K, BLOCK_N] dequantized tile: longer K
-        # tiles need more shared memory than an H100 has (262 KB of 227 KB at 512 x 64).
-        max_k = (256 if block_n == 64 else 128) if threshold > 0.0 else 512
-        block_k = max(32, min(max_k, triton.next_power_of_2(K)))
+        block_k = max(32, min(512, triton.next_power_of_2(K)))
         self.rows, self.N, self.K, self.dtype, self.device = rows, N, K, dtype, device
         self.CB, self.SCB = CB, SCB
         self.outliers = threshold > 0.0
@@ -207,7 +234,8 @@ class Int8LinearLaunch:
             common, CHUNKS_POW2=triton.next_power_of_2(self.chunks), INTERPRET=interpreting()), 4)  # fmt: skip
         self.product = _Launch(_int8_linear_kernel, (triton.cdiv(N, block_n),), dict(
             BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=even_k, HAS_BIAS=has_bias, OUTLIERS=self.outliers,
-            DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", INTERPRET=interpreting()), 4)  # fmt: skip
+            OUTLIER_K=min(64, block_k), DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+            INTERPRET=interpreting()), 4)  # fmt: skip
 
     def launch(self, A: torch.Tensor, bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         rows, N, K, device = self.rows, self.N, self.K, self.device
