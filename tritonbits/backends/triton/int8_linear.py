@@ -27,8 +27,8 @@ that work and the row reductions, 102-110 us on 8192x28672 against 85 us for the
 and the per-tile outlier reductions made threshold 6.0 take 230 us. A second version took the
 outliers inside the product's loop, which capped the K tile at 128 (the float32 outlier tile's
 shared memory) and put a branch in the loop: threshold 6.0 took 110 us where 0.0 took 85 (H100),
-with no outlier in A. The flags [K] (bool) are
-returned; ``MatmulLtState.idx`` is derived from them when read.
+with no outlier in A. The flags [K] (bool) are returned; ``MatmulLtState.idx`` is derived from
+them when read.
 
 Bit-identity: without outlier columns the result equals the reference bit for bit (the int32
 product is exact; quantization and dequantization evaluate the reference's float32 expressions
@@ -174,9 +174,9 @@ def _int8_linear_kernel(
             cb = tl.load(cb_cols + offs_k[:, None], mask=(offs_k < K)[:, None], other=0)
         acc = tl.dot(q, cb, acc, out_dtype=tl.int32)
     if OUTLIERS:
-        # A loop of its own, after the product's: a branch in the product's loop keeps Triton
-        # from pipelining its loads, and the float32 operands of the outlier dot would need more
-        # shared memory than a long K tile leaves. Without outliers it is one flag load per tile.
+        # A loop of its own, after the product's: inside it, the float32 operands of the outlier
+        # dot capped the K tile at 128 and the loop held a branch (1.6x slower on an H100 with
+        # no outlier in A). Without outliers this loop is one flag load per tile.
         sub_ks = tl.arange(0, OUTLIER_K)
         for k_tile in range(0, tl.cdiv(K, BLOCK_K)):
             if tl.load(tile_flags_ptr + k_tile) != 0:
