@@ -1,6 +1,6 @@
-"""Time the blockwise 8-bit quantize kernel (bucketed code search) and the AdamW8bit step on the GPU.
+"""Time the blockwise 8-bit quantize kernel (bucketed code search) and 8-bit optimizer steps on the GPU.
 
-Run on a CUDA machine from the repository root (about 1 minute, 14 GB of GPU memory):
+Run on a CUDA machine from the repository root (about 2 minutes, 14 GB of GPU memory):
 
     python tests/gpu/tune_quant8.py [--optim-only]   # --optim-only: the optimizer check and timing alone
 
@@ -14,9 +14,13 @@ Run on a CUDA machine from the repository root (about 1 minute, 14 GB of GPU mem
    choice) the median of 20 calls after 5 warm-ups (CUDA events) and
    the fraction of copy bandwidth reached at bytes = input + codes + absmax. The best variant of
    each case is marked; the old tree-walk kernel (embedded below) is timed with its settings.
-4. ``tritonbits.optim.AdamW8bit.step()`` on 16 float32 parameters of 4096x16384 with gradients:
-   median of 10 steps after 3 warm-ups, for a few (state blocks per program, warps); plus a
-   bit-identity check of one 8-bit Adam update against the reference.
+4. ``tritonbits.optim.AdamW8bit``, ``Lion8bit`` and ``SGD8bit`` (momentum) ``.step()`` on 16
+   float32 parameters of 4096x16384 with gradients: median of 10 steps after 3 warm-ups for each
+   (state blocks per program, warps) in ``OPTIM_VARIANTS``, and the fraction of copy bandwidth at
+   the bytes per parameter the step moves. Before each timing, a bit-identity check of that
+   variant's 8-bit adam (gnorm_scale 1 and 0.5), lion and momentum updates against the reference
+   (a partial last block; and a size of whole programs, the unmasked variant), once with a finite
+   gradient and once with one NaN in it, reported apart.
 
 Prints one line per measurement; exit status 1 if any check differs.
 """
@@ -31,6 +35,7 @@ import triton
 import triton.language as tl
 
 import tritonbits  # registers the references
+import tritonbits.optim
 from tritonbits._ops import REFERENCES
 from tritonbits.backends.triton import optim as optim_kernels
 from tritonbits.backends.triton import quant_blockwise as kernels
@@ -191,45 +196,95 @@ def time_quantize(copy_bw: float) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# AdamW8bit
+# 8-bit optimizers
+
+# (state blocks per program, warps) of the fused 8-bit optimizer kernel. A block lives in one
+# warp when blocks >= warps; hot-path SASS instructions per element for AdamW (sm_90, offline
+# count): 143 at (1, 2), 121 at (2, 2) and (4, 4), 119 at (4, 2) and (8, 4) (~150 registers).
+OPTIM_VARIANTS = [(1, 1), (1, 2), (1, 4), (2, 2), (2, 4), (4, 4)]
+# Rule -> (optimizer class, constructor arguments, bytes moved per parameter element: g read, p
+# read and written, codes read and written; absmax is 1/64 byte per state).
+OPTIMIZERS = {
+    "adam": ("AdamW8bit", dict(lr=1e-3, weight_decay=1e-2), 4 + 8 + 4),
+    "lion": ("Lion8bit", dict(lr=1e-4, weight_decay=1e-2), 4 + 8 + 2),
+    "momentum": ("SGD8bit", dict(lr=1e-3, momentum=0.9), 4 + 8 + 2),
+}
 
 
-def check_adam() -> None:
+def check_optim_variant(blocks: int, warps: int) -> dict[str, bool]:
+    """One 8-bit update of adam, lion and momentum (sizes: a partial last block, and whole
+    programs: the unmasked variant) against the PyTorch reference on the GPU, bit for bit (NaN
+    equal to NaN), with a finite gradient and with the same gradient holding one NaN.
+
+    The two are reported apart, so that a mismatch on finite values cannot hide behind the NaN
+    case. With the NaN, lion's and momentum's state holds it: the reference's absmax of that block
+    is NaN (torch's amax), and so are momentum's p there. Returns {"finite": ok, "NaN": ok}.
+    """
+    optim_kernels._BLOCKS_PER_PROGRAM, optim_kernels._WARPS_8BIT = blocks, warps
     gen = torch.Generator(device="cuda").manual_seed(1)
-    n = 2**20 + 77
     qmaps = create_dynamic_map(signed=True).cuda(), create_dynamic_map(signed=False).cuda()
-    p = torch.randn(n, generator=gen, device="cuda")
-    g = torch.randn(n, generator=gen, device="cuda") * 1e-2
-    m = torch.randn(n, generator=gen, device="cuda") * 1e-2
-    v = torch.rand(n, generator=gen, device="cuda") * 1e-4
-    codes1, absmax1 = REFERENCES["quantize_blockwise"](m, qmaps[0], 256)
-    codes2, absmax2 = REFERENCES["quantize_blockwise"](v, qmaps[1], 256)
-    args = [p, codes1, codes2, absmax1, absmax2]
-    ours, ref = [t.clone() for t in args], [t.clone() for t in args]
-    for fn, (p_, c1, c2, a1, a2) in ((optim_kernels.optimizer_update_8bit_blockwise, ours),
-                                     (REFERENCES["optimizer_update_8bit_blockwise"], ref)):  # fmt: skip
-        fn("adam", g, p_, c1, c2, 0.9, 0.999, 0.0, 0.0, 1e-8, 5, 1e-3, *qmaps, a1, a2, 1e-2, 1.0)
-    differing = [name for name, a, b in zip(("p", "codes1", "codes2", "absmax1", "absmax2"), ours, ref)
-                 if not torch.equal(a, b)]  # fmt: skip
-    if differing:
-        FAILURES.append(f"8-bit adam update differs from the reference in {differing}")
-    print(f"check 8-bit adam update (p, codes, absmax) vs reference: identical={not differing}", flush=True)
+    ok = {"finite": True, "NaN": True}
+    for n in (2**20 + 77, 2**20):
+        p = torch.randn(n, generator=gen, device="cuda")
+        finite = torch.randn(n, generator=gen, device="cuda") * 1e-2
+        with_nan = finite.clone()
+        with_nan[n // 3] = float("nan")
+        m = torch.randn(n, generator=gen, device="cuda") * 1e-2
+        v = torch.rand(n, generator=gen, device="cuda") * 1e-4
+        codes1, absmax1 = REFERENCES["quantize_blockwise"](m, qmaps[0], 256)
+        codes2, absmax2 = REFERENCES["quantize_blockwise"](v, qmaps[1], 256)
+        for case, g in (("finite", finite), ("NaN", with_nan)):
+            for rule, gnorm_scale in (("adam", 1.0), ("adam", 0.5), ("lion", 1.0), ("momentum", 1.0)):
+                two = rule == "adam"
+                args = [p, codes1, codes2 if two else None, absmax1, absmax2 if two else None]
+                ours = [None if t is None else t.clone() for t in args]
+                ref = [None if t is None else t.clone() for t in args]
+                for fn, (p_, c1, c2, a1, a2) in ((optim_kernels.optimizer_update_8bit_blockwise, ours),
+                                                 (REFERENCES["optimizer_update_8bit_blockwise"], ref)):  # fmt: skip
+                    fn(rule, g, p_, c1, c2, 0.9, 0.999, 0.0, 0.0, 1e-8, 5, 1e-3, qmaps[0], qmaps[1] if two else None,
+                       a1, a2, 1e-2, gnorm_scale)  # fmt: skip
+                differing, state_blocks = [], set()
+                for name, a, b in zip(("p", "codes1", "codes2", "absmax1", "absmax2"), ours, ref):
+                    if a is not None and not same(a, b):
+                        differing.append(name)
+                        where = ~((a == b) | (a.isnan() & b.isnan())) if a.is_floating_point() else a != b
+                        index = where.nonzero()[:, 0]
+                        state_blocks.update((index if name.startswith("absmax") else index // 256).tolist())
+                if differing:
+                    ok[case] = False
+                    shown = sorted(state_blocks)
+                    FAILURES.append(
+                        f"8-bit {rule} update, {case} gradient (n={n}, gnorm_scale={gnorm_scale}, {blocks} blocks/"
+                        f"program, {warps} warps) differs from the reference in {differing}, in {len(shown)} state "
+                        f"blocks: {shown[:8]}" + (f" (the NaN is in block {n // 3 // 256})" if case == "NaN" else "")
+                    )
+    return ok
 
 
-def time_adamw8bit() -> None:
+def time_optimizers(copy_bw: float) -> None:
     gen = torch.Generator(device="cuda").manual_seed(2)
     params = [torch.nn.Parameter(torch.randn(4096, 16384, generator=gen, device="cuda")) for _ in range(16)]
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen, device="cuda") * 1e-2
+    numel = sum(p.numel() for p in params)
     defaults = (optim_kernels._BLOCKS_PER_PROGRAM, optim_kernels._WARPS_8BIT)
-    for blocks, warps in dict.fromkeys([defaults, (1, 2), (1, 4), (2, 2), (2, 8), (4, 4)]):  # each once
-        optim_kernels._BLOCKS_PER_PROGRAM, optim_kernels._WARPS_8BIT = blocks, warps
-        optimizer = tritonbits.optim.AdamW8bit(params, lr=1e-3, weight_decay=1e-2)
-        ms = median_ms(optimizer.step, warmup=3, reps=10)
-        print(f"AdamW8bit step, 16 x 4096x16384 fp32, {blocks} state blocks/program, {warps} warps: {ms:.2f} ms "
-              f"(target 8 ms)", flush=True)  # fmt: skip
-        del optimizer
-        torch.cuda.empty_cache()
+    for rule, (cls_name, kwargs, bytes_per_param) in OPTIMIZERS.items():
+        results = []
+        for blocks, warps in dict.fromkeys([defaults, *OPTIM_VARIANTS]):  # each once
+            identical = check_optim_variant(blocks, warps)
+            optimizer = getattr(tritonbits.optim, cls_name)(params, **kwargs)
+            ms = median_ms(optimizer.step, warmup=3, reps=10)
+            fraction = bytes_per_param * numel / (ms * 1e-3) / copy_bw
+            results.append((ms, blocks, warps))
+            print(f"{cls_name} step, 16 x 4096x16384 fp32, {blocks} state blocks/program, {warps} warps: {ms:.2f} ms "
+                  f"{fraction:6.1%} of copy at {bytes_per_param} B/param identical: finite gradient "
+                  f"{identical['finite']}, NaN gradient {identical['NaN']}"
+                  + (" (default)" if (blocks, warps) == defaults else ""), flush=True)  # fmt: skip
+            del optimizer
+            torch.cuda.empty_cache()
+        ms, blocks, warps = min(results)
+        print(f"{cls_name} BEST {blocks} state blocks/program, {warps} warps: {ms:.2f} ms "
+              f"{bytes_per_param * numel / (ms * 1e-3) / copy_bw:.1%} of copy", flush=True)  # fmt: skip
     optim_kernels._BLOCKS_PER_PROGRAM, optim_kernels._WARPS_8BIT = defaults
 
 
@@ -242,8 +297,7 @@ def main() -> int:
     print(f"copy bandwidth (1 GiB device-to-device): {copy_bw / 1e9:.0f} GB/s", flush=True)
     if "--optim-only" not in sys.argv:
         time_quantize(copy_bw)
-    check_adam()
-    time_adamw8bit()
+    time_optimizers(copy_bw)
     print("FAILURES:\n  " + "\n  ".join(FAILURES) if FAILURES else "all checks identical", flush=True)
     return 1 if FAILURES else 0
 

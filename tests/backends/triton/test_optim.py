@@ -5,8 +5,8 @@ a difference cannot grow over the steps and every step is checked on its own.
 
 What is compared, and how closely:
 
-- 8-bit codes and absmax, 32-bit states: exactly (``torch.equal``). They do not depend on a
-  square root.
+- 8-bit codes and absmax, 32-bit states: exactly (``torch.equal``, NaN equal to NaN). They do
+  not depend on a square root.
 - Parameters: within 1 unit in the last place of their dtype (``rtol=finfo.eps``, ``atol=0``),
   and at least half of them bit-identical. The only difference is the square root: the kernel's
   ``sqrt_rn`` is IEEE-rounded; torch's float32 ``sqrt`` on CPU (AVX2 build) is not (1 ulp off
@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from tritonbits.backends.torch import optim as torch_optim
+from tritonbits.backends.triton import interpreting
 from tritonbits.backends.triton import optim as triton_optim
 from tritonbits.codebooks import create_dynamic_map
 
@@ -81,16 +82,27 @@ def _clone(tensors, device):
     return [None if t is None else t.clone().to(device) for t in tensors]
 
 
+def _assert_same(actual, expected):
+    """Equal in dtype, shape and values, NaN equal to NaN."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    if expected.is_floating_point():
+        assert torch.equal(actual.isnan(), expected.isnan())
+        actual, expected = actual[~expected.isnan()], expected[~expected.isnan()]
+    assert torch.equal(actual, expected)
+
+
 def _assert_params_close(actual, expected, before):
     """p after a step: within 1 ulp of its dtype plus 2**-21 of the update (see the module docstring).
 
     One ulp of a square root changes the update by 2**-24 relative; the extra factor covers the
     division after it and rounding to p's dtype, and the update term covers p near 0, where the
-    update is larger than p itself.
+    update is larger than p itself. NaN where the reference has NaN.
     """
     assert actual.dtype == expected.dtype and actual.shape == expected.shape
     dtype = expected.dtype
-    actual, expected, before = actual.float(), expected.float(), before.float()
+    nan = expected.isnan()
+    assert torch.equal(actual.isnan(), nan)
+    actual, expected, before = actual[~nan].float(), expected[~nan].float(), before[~nan].float()
     bound = torch.finfo(dtype).eps * expected.abs() + 2.0**-21 * (expected - before).abs()
     assert ((actual - expected).abs() <= bound).all(), (actual - expected).abs().max()
     if actual.numel():
@@ -124,7 +136,7 @@ def _check_8bit_steps(launcher, reference, name, dtype, shape, rng, device, qmap
                   skip_zeros)  # fmt: skip
         for ours, ref in zip(ours_states, ref_states):
             if ref is not None:
-                assert torch.equal(ours.cpu(), ref)  # exact: codes and absmax do not involve sqrt
+                _assert_same(ours.cpu(), ref)  # exact: codes and absmax do not involve sqrt
         _assert_params_close(ours_p.cpu(), ref_p, p if p_view is None else p_view(p))
         p, states = ref_p.contiguous() if p_view is None else ref_p, ref_states
         if p_view is not None:
@@ -154,6 +166,59 @@ def test_8bit_blockwise_options(launcher, reference, rng, device, qmaps, name):
     _check_8bit_steps(launcher, reference, name, torch.float32, shape, rng, device, qmaps, hyper, grads, True)
 
 
+@pytest.fixture
+def blocks_per_program(request, monkeypatch):
+    """Sets the 8-bit kernel's state blocks per program (and warps, unused by the interpreter)."""
+    from tritonbits.backends.triton import optim
+
+    blocks, warps = request.param
+    monkeypatch.setattr(optim, "_BLOCKS_PER_PROGRAM", blocks)
+    monkeypatch.setattr(optim, "_WARPS_8BIT", warps)
+    return blocks
+
+
+# Sizes: a partial first block; whole blocks with a partial last program (768 = 3 blocks); a
+# partial last block (1000, 1300); whole programs only (1024: the unmasked EVEN variant).
+@pytest.mark.parametrize("blocks_per_program", [(2, 2), (4, 4)], indirect=True, ids=["2blocks", "4blocks"])
+@pytest.mark.parametrize("size", [255, 768, 1024, 1300])
+@pytest.mark.parametrize("name", RULES_8BIT)
+def test_8bit_blockwise_blocks_per_program(launcher, reference, rng, device, qmaps, blocks_per_program, name, size):
+    _check_8bit_steps(launcher, reference, name, torch.float32, (size,), rng, device, qmaps)
+
+
+@pytest.mark.parametrize("blocks_per_program", [(2, 2)], indirect=True, ids=["2blocks"])
+@pytest.mark.parametrize("name", ["adam", "momentum", "lion"])
+def test_8bit_blockwise_blocks_per_program_options(launcher, reference, rng, device, qmaps, blocks_per_program, name):
+    # bfloat16, skip_zeros with exact-zero gradients, gnorm_scale 1 (the gradient is not
+    # multiplied), (adam) non-finite gradients; 2048 elements: the unmasked variant.
+    shape = (8, 256)
+    grads = []
+    for _ in range(STEPS):
+        g = torch.randn(shape, generator=rng)
+        g[torch.rand(shape, generator=rng) < 0.2] = 0.0
+        if name in TWO_STATE:  # (the other rules store the NaN: test_8bit_blockwise_nan_gradient)
+            g[0, :3] = torch.tensor([float("inf"), float("-inf"), float("nan")])
+        grads.append(g.bfloat16())
+    hyper = dict(HYPER, gnorm_scale=1.0)
+    _check_8bit_steps(launcher, reference, name, torch.bfloat16, shape, rng, device, qmaps, hyper, grads, True)
+
+
+# 1024: whole programs (the unmasked EVEN variant) at 1 and 2 blocks per program; 1300: masked.
+@pytest.mark.parametrize("blocks_per_program", [(1, 2), (2, 2)], indirect=True, ids=["1block", "2blocks"])
+@pytest.mark.parametrize("size", [1024, 1300])
+@pytest.mark.parametrize("name", RULES_8BIT)
+def test_8bit_blockwise_nan_gradient(launcher, reference, rng, device, qmaps, blocks_per_program, name, size):
+    # One NaN gradient at the first step (block 1). adam/ademamix reset its states and keep p; the
+    # other rules store the NaN, and then, as in the reference (torch's amax), that block's absmax
+    # is NaN and all its codes 255 (254 where the value is negative), so the next steps read the
+    # whole block as NaN. tl.max drops NaN (fmaxf on the GPU, nanmax in the interpreter): the
+    # kernel kept a finite absmax for that block.
+    grads = [torch.randn(size, generator=rng) * 0.5 for _ in range(STEPS)]
+    grads[0][300] = float("nan")
+    hyper = dict(HYPER, gnorm_scale=1.0)
+    _check_8bit_steps(launcher, reference, name, torch.float32, (size,), rng, device, qmaps, hyper, grads)
+
+
 @pytest.mark.parametrize("name", ["adam", "momentum", "lion"])
 def test_8bit_blockwise_non_contiguous(launcher, reference, rng, device, qmaps, name):
     transpose = lambda t: t.t()  # noqa: E731  (a [33, 31] storage seen as its [31, 33] transpose)
@@ -161,17 +226,19 @@ def test_8bit_blockwise_non_contiguous(launcher, reference, rng, device, qmaps, 
 
 
 @triton.jit
-def _requantize_kernel(values_ptr, codes_ptr, absmax_ptr, tables_ptr, n, SIGNED: tl.constexpr, BLOCKS: tl.constexpr):
-    blocks = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
-    offsets = blocks[:, None] * 256 + tl.arange(0, 256)[None, :]
-    mask = offsets < n
-    values = tl.load(values_ptr + offsets, mask=mask, other=0.0)
-    triton_optim._requantize(values, codes_ptr, absmax_ptr, tables_ptr, offsets, mask, blocks, (n + 255) // 256,
-                             SIGNED=SIGNED)  # fmt: skip
+def _requantize_kernel(values_ptr, codes_ptr, absmax_ptr, tables_ptr, n, SIGNED: tl.constexpr, BLOCKS: tl.constexpr,
+                       INTERPRET: tl.constexpr):  # fmt: skip
+    # The optimizer kernel's tile (relative offsets from the program's first block) and masks.
+    base = tl.program_id(0) * (BLOCKS * 256)
+    first_block = tl.program_id(0) * BLOCKS
+    blocks, offsets, mask = triton_optim._block_tile(BLOCKS, n - base)
+    values = tl.load(values_ptr + base + offsets, mask=mask, other=0.0)
+    triton_optim._requantize(values, codes_ptr + base, absmax_ptr + first_block, tables_ptr, offsets, mask, blocks,
+                             (n + 255) // 256 - first_block, SIGNED=SIGNED, EVEN=False, INTERPRET=INTERPRET)  # fmt: skip
 
 
 def _requantize_values(qmap, signed, rng):
-    """Blocks of 256 values probing the search and the sign rules (no NaN: see the test)."""
+    """Blocks of 256 values probing the search and the sign rules, and a block holding NaNs."""
     sorted_qmap = qmap.sort(stable=True).values
     m = (sorted_qmap[:-1] + sorted_qmap[1:]) / 2
     up, down = torch.tensor(float("inf")), torch.tensor(float("-inf"))
@@ -191,14 +258,17 @@ def _requantize_values(qmap, signed, rng):
     # rules look at the value, not at the scaled value.
     underflow = torch.tensor([2.0**-149, -(2.0**-149), 2.0**-140, -(2.0**-140), 1e-42, -1e-42, 1e-30, -1e-30])
     large = torch.cat([torch.full((1, 1), 3e4), underflow.repeat(32)[None, :255]], dim=1)
-    return torch.cat([values, large, -large if signed else large.abs()]).reshape(-1)[:-17].float()
+    # A NaN (and one with its sign bit set) makes the block's absmax NaN: every code is the rank
+    # of NaN, stepped by the sign rules.
+    nan = values[:1].clone()
+    nan[0, 7], nan[0, 100] = float("nan"), -float("nan")
+    return torch.cat([values, nan, large, -large if signed else large.abs()]).reshape(-1)[:-17].float()
 
 
 @pytest.mark.parametrize("qmap_name", ["dynamic", "unsorted", "crowded"])
 @pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
 def test_requantize_matches_reference(rng, device, signed, qmap_name):
-    # Codes and absmax of the 8-bit states, bit for bit. NaN values are left out: the kernel's
-    # absmax (tl.max) skips NaN where the reference's propagates it.
+    # Codes and absmax of the 8-bit states, bit for bit (a NaN absmax equal to NaN).
     if qmap_name == "dynamic":
         qmap = create_dynamic_map(signed=signed)
     elif qmap_name == "unsorted":
@@ -216,10 +286,10 @@ def test_requantize_matches_reference(rng, device, signed, qmap_name):
     ours_codes = torch.empty(n, dtype=torch.uint8, device=device)
     ours_absmax = torch.empty(absmax.shape, device=device)
     _requantize_kernel[(triton.cdiv(absmax.numel(), 4),)](
-        values.to(device), ours_codes, ours_absmax, tables, n, SIGNED=signed, BLOCKS=4
+        values.to(device), ours_codes, ours_absmax, tables, n, SIGNED=signed, BLOCKS=4, INTERPRET=interpreting()
     )
-    assert torch.equal(ours_absmax.cpu(), absmax)  # exact
-    assert torch.equal(ours_codes.cpu(), codes)  # exact
+    _assert_same(ours_absmax.cpu(), absmax)  # exact
+    _assert_same(ours_codes.cpu(), codes)  # exact
 
 
 def test_8bit_blockwise_empty(launcher, device, qmaps):
@@ -333,6 +403,34 @@ def test_multi_tensor_8bit_equals_per_tensor(kernels, rng, device, qmaps, name, 
         for mine, theirs in zip([p, *s], [p1, *s1]):
             if theirs is not None:
                 assert torch.equal(mine, theirs)  # exact: the same kernel code on the same inputs
+
+
+@pytest.mark.parametrize("blocks_per_program", [(2, 2), (4, 4)], indirect=True, ids=["2blocks", "4blocks"])
+@pytest.mark.parametrize("sizes", [MULTI_SIZES, [1024, 2048, 1024]], ids=["mixed", "even"])
+@pytest.mark.parametrize("name", ["adam", "lion", "ademamix"])
+def test_multi_tensor_8bit_blocks_per_program(kernels, rng, device, qmaps, blocks_per_program, name, sizes):
+    # Several state blocks per program, with partial last programs ("mixed") or none ("even").
+    two = name in TWO_STATE
+    qm = _clone(qmaps, device)
+    ps = [torch.randn(n, generator=rng).to(device) for n in sizes]
+    gs = [(torch.randn(n, generator=rng) * 0.5).to(device) for n in sizes]
+    states = [_clone(_states_8bit(name, (n,), rng, qmaps), device) for n in sizes]
+    single = [_clone([p, *s], "cpu") for p, s in zip(ps, states)]
+    before = [p.cpu().clone() for p in ps]
+    kernels.multi_tensor_update_8bit_blockwise(
+        name, gs, ps, [s[0] for s in states], [s[1] for s in states] if two else None, HYPER["beta1"],
+        HYPER["beta2"], HYPER["beta3"], HYPER["alpha"], HYPER["eps"], 1, HYPER["lr"], qm[0],
+        qm[1] if two else None, [s[2] for s in states], [s[3] for s in states] if two else None,
+        HYPER["weight_decay"], HYPER["gnorm_scale"],
+    )  # fmt: skip
+    for g, (p, *s), n in zip(gs, single, sizes):
+        if n:  # the reference: each tensor alone
+            _run_8bit(torch_optim.optimizer_update_8bit_blockwise, name, g.cpu(), p, s, qmaps, 1, HYPER)
+    for p, s, (p1, *s1), p0 in zip(ps, states, single, before):
+        for mine, theirs in zip(s, s1):
+            if theirs is not None:
+                assert torch.equal(mine.cpu(), theirs)  # exact: codes and absmax
+        _assert_params_close(p.cpu(), p1, p0)
 
 
 @pytest.mark.parametrize("name", RULES_32BIT)

@@ -11,13 +11,16 @@ float32, as they do in the reference's ``tensor * float``.
 32-bit states: an elementwise kernel over tiles of ``_BLOCK_32BIT`` elements.
 
 8-bit blockwise states: one program owns ``_BLOCKS_PER_PROGRAM`` whole state blocks of 256
-elements, a ``[blocks, 256]`` tile in registers. It dequantizes the codes (``qmap[code] *
-absmax``), applies the rule in float32, takes each block's new absmax (a row reduction: the
-whole block must be updated before any element can be requantized), finds the rank of each
-value among the qmap's midpoints (the search of ``quant_blockwise.py``: two dependent table
-gathers), maps rank and sign to the code through one uint8 table that holds the reference's sign
-rules, and writes the parameter, the codes and the absmax. So a step reads ``g``, ``p``, the codes
-and absmax once and writes ``p``, codes and absmax once.
+elements, a ``[2, blocks, 32, 4]`` tile in registers laid out so that each block lives in one
+warp (:func:`_block_tile`). It dequantizes the codes (``qmap[code] * absmax``), applies the rule
+in float32, takes each block's new absmax (a reduction within the warp: the whole block must be
+updated before any element can be requantized), finds the rank of each value among the qmap's
+midpoints (the search of ``quant_blockwise.py``: two dependent table gathers), maps rank and sign
+to the code through one uint8 table that holds the reference's sign rules, and writes the
+parameter, the codes and the absmax. So a step reads ``g``, ``p``, the codes and absmax once and
+writes ``p``, codes and absmax once. Addresses: int64 only for the program's first element and
+block, int32 within the tile; tensors whose size is a multiple of the tile compile without masks
+(``EVEN``).
 
 Multi-tensor: :func:`multi_tensor_update_32bit` and :func:`multi_tensor_update_8bit_blockwise`
 update a list of parameters sharing hyperparameters in one launch. The launcher writes one int64
@@ -43,7 +46,7 @@ from torch import Tensor
 from ..._ops import num_blocks
 from ..torch import optim as reference
 from . import cast_rtne, interpreting
-from .quant_blockwise import ORDER_WORD, final_codes, nearest_rank, search_tables
+from .quant_blockwise import ORDER_WORD, _max_keep_nan, final_codes, nearest_rank, search_tables
 
 # Rule ids (constexpr): lamb and lars are adam and momentum with a trust ratio.
 ADAM, MOMENTUM, RMSPROP, ADAGRAD, LION, ADEMAMIX = 0, 1, 2, 3, 4, 5
@@ -69,9 +72,13 @@ STATE_BLOCK = 256  # elements per absmax block of every 8-bit optimizer state
 # Tuning knobs (module globals so that a benchmark can sweep them).
 _BLOCK_32BIT = 4096  # elements per program, 32-bit states (16 per thread at 8 warps)
 _WARPS_32BIT = 8
-# 256-element state blocks per program and warps, 8-bit states: tests/gpu/tune_quant8.py's AdamW8bit
-# step (H100, 2026-11-24) took 8.3-8.6 ms at 1 block and 2 warps, 9.5-10.5 ms at 2-4 blocks or 4
-# warps, 11.6 ms at 8 warps.
+# 256-element state blocks per program and warps, 8-bit states. A block lives in one warp when
+# blocks >= warps (see _block_tile). Hot-path SASS instructions per element (sm_90, float32,
+# whole blocks; 2026-11-25): AdamW 143 at 1 block / 2 warps, 121 at 2/2 or 4/4, 119 at 4/2 or
+# 8/4 (about 150 registers); Lion 72 / 58 / 55; momentum 62 / 49 / 46. Fewer instructions did not
+# make it faster: H200 step times (tests/gpu/tune_quant8.py, 16 x 4096x16384 float32, 2026-12-03)
+# AdamW8bit 6.80 ms at 1/2, 7.41 at 2/2, 9.7-11.5 at 4-8 blocks; Lion8bit 4.30 / 4.78; SGD8bit
+# (momentum) 3.85 / 4.32; all bit-identical to the reference.
 _BLOCKS_PER_PROGRAM = 1
 _WARPS_8BIT = 2
 # multi_tensor_*: tensors at least this large get their own launch (aligned pointers known to
@@ -119,40 +126,96 @@ def _sign(x):
 
 
 @triton.jit
-def _dequantize(codes_ptr, absmax_ptr, qmap, offsets, mask, blocks, n_blocks):
-    """float32 ``qmap[code] * absmax[block]`` for a [blocks, 256] tile; ``qmap`` the 256 code
+def _block_tile(BLOCKS: tl.constexpr, n_left):
+    """A program's BLOCKS state blocks as a [2, BLOCKS, 32, 4] tile: element (h, b, t, k) is
+    element 128 h + 4 t + k of block b. Thread t of a warp holds 4 consecutive elements (16-byte
+    float32 accesses; the innermost 4 keep the uint8 codes at 4 per thread too, in the same
+    layout) and the warps go along the blocks axis, so with at least as many blocks as warps each
+    block lives in one warp and its absmax is a register and shuffle reduction (no shared memory,
+    no barrier). A [blocks, 256] tile gets its warps split across each block.
+
+    Returns int32 (blocks [1, BLOCKS, 1, 1], element offsets, both relative to the program's
+    first block, and the mask ``offsets < n_left``, which EVEN code, every block whole and
+    present, does not use).
+    """
+    blocks = tl.arange(0, BLOCKS)[None, :, None, None]
+    row = tl.arange(0, 2)[:, None, None, None] * 128 + tl.arange(0, 32)[None, None, :, None] * 4
+    offsets = blocks * 256 + row + tl.arange(0, 4)[None, None, None, :]
+    return blocks, offsets, offsets < n_left
+
+
+@triton.jit
+def _block_max(x, INTERPRET: tl.constexpr):
+    """Per-block max of a [2, BLOCKS, 32, 4] tile, as [1, BLOCKS, 1, 1], NaN where the block holds
+    a NaN (as the reference's torch amax; tl.max drops NaN, on the GPU and in the interpreter)."""
+    if INTERPRET:  # the interpreter calls a custom combine per element: add the NaNs instead
+        is_nan = x != x  # noqa: PLR0124
+        nan = tl.where(is_nan, x, 0.0)
+        x = tl.where(is_nan, 0.0, x)  # (x >= 0; an all-NaN block makes numpy's nanmax warn)
+        x = tl.max(tl.max(x, axis=3, keep_dims=True), axis=0, keep_dims=True)
+        nan = tl.sum(tl.sum(nan, axis=3, keep_dims=True), axis=0, keep_dims=True)
+        return tl.max(x, axis=2, keep_dims=True) + tl.sum(nan, axis=2, keep_dims=True)
+    else:
+        x = tl.reduce(tl.reduce(x, 3, _max_keep_nan, keep_dims=True), 0, _max_keep_nan, keep_dims=True)
+        return tl.reduce(x, 2, _max_keep_nan, keep_dims=True)
+
+
+@triton.jit
+def _dequantize(codes_ptr, absmax_ptr, qmap, offsets, mask, blocks, n_blocks, EVEN: tl.constexpr):
+    """float32 ``qmap[code] * absmax[block]`` for a [2, BLOCKS, 32, 4] tile; ``qmap`` the 256 code
     values in registers: the lookup is a gather that Triton serves from shared memory (a gather
     from global memory costs an L1 access per element)."""
-    code = tl.load(codes_ptr + offsets, mask=mask, other=0).to(tl.int32)
-    absmax = tl.load(absmax_ptr + blocks, mask=blocks < n_blocks, other=0.0)
+    if EVEN:
+        code = tl.load(codes_ptr + offsets)
+        absmax = tl.load(absmax_ptr + blocks)
+    else:
+        code = tl.load(codes_ptr + offsets, mask=mask, other=0)
+        absmax = tl.load(absmax_ptr + blocks, mask=blocks < n_blocks, other=0.0)
+    code = code.to(tl.int32)
     values = tl.reshape(tl.gather(qmap, tl.reshape(code, [code.numel]), 0), code.shape)
-    return values * absmax[:, None]
+    return values * absmax
 
 
 @triton.jit
 def _requantize(values, codes_ptr, absmax_ptr, tables_ptr, offsets, mask, blocks, n_blocks,
-                SIGNED: tl.constexpr):  # fmt: skip
-    """Write a [blocks, 256] float32 tile as codes (nearest qmap entry) and per-row absmax.
+                SIGNED: tl.constexpr, EVEN: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
+    """Write a [2, BLOCKS, 32, 4] float32 tile (:func:`_block_tile`) as codes (nearest qmap entry)
+    and per-block absmax.
 
     ``tables``: the qmap's search tables (:func:`_search_tables`), whose final table holds, for
-    each case of the value (sign bit set; +0.0 or NaN; > 0) and rank, the code after the
+    each case of the value (+0.0 or NaN; sign bit set; > 0) and rank, the code after the
     reference's sign rules.
     """
-    values = tl.where(mask, values, 0.0)
-    absmax = tl.max(tl.abs(values), axis=1)
-    tl.store(absmax_ptr + blocks, absmax, mask=blocks < n_blocks)
-    # Clamping to float32 tiny makes all-zero blocks give zeros instead of NaN.
-    inverse = tl.math.div_rn(tl.full(absmax.shape, 1.0, tl.float32), tl.maximum(absmax, 1.1754943508222875e-38))
-    scaled = values * inverse[:, None]
+    if not EVEN:
+        values = tl.where(mask, values, 0.0)
+    # A NaN makes its block's absmax NaN and all its codes 255 (254 where the sign bit is set),
+    # as in the reference.
+    absmax = _block_max(tl.abs(values), INTERPRET)
+    # Stored by lane 0 of a [1, BLOCKS, 32, 1] tile whose addresses run along the lanes: the
+    # store then gets the tile's layout (block b in its warp). A [1, BLOCKS, 1, 1] store gets a
+    # layout of its own, and converting to it costs a trip through shared memory and 2 barriers.
+    lanes = tl.arange(0, 32)[None, None, :, None]
+    first = lanes == 0
+    if not EVEN:
+        first = first & (blocks < n_blocks)
+    tl.store(absmax_ptr + (blocks + lanes), tl.broadcast_to(absmax, [1, absmax.shape[1], 32, 1]), mask=first)
+    # Clamping to float32 tiny makes all-zero blocks give zeros instead of NaN (and keeps a NaN).
+    tiny = tl.full(absmax.shape, 1.1754943508222875e-38, tl.float32)
+    inverse = tl.math.div_rn(tl.full(absmax.shape, 1.0, tl.float32), _max_keep_nan(absmax, tiny))
+    scaled = values * inverse
     rank = nearest_rank(scaled, tables_ptr)
-    # The case of the value (not of scaled, which can underflow to 0): 0 sign bit set, 1 +0.0 or
-    # NaN, 2 > 0. Only > 0 matters to the unsigned rule.
-    positive = (values > 0).to(tl.int32)
+    # The case of the value (not of scaled, which can underflow to 0), as the table's row: 0 +0.0
+    # or NaN, 1 sign bit set, 2 > 0. Only > 0 matters to the unsigned rule.
+    bits = values.to(tl.int32, bitcast=True)
     if SIGNED:
-        case = 1 + positive - (values.to(tl.int32, bitcast=True) < 0).to(tl.int32)
+        row = ((bits >> 23) & 256) | tl.where(values > 0, 512, 0)
     else:
-        case = 2 * positive
-    tl.store(codes_ptr + offsets, tl.load(final_codes(tables_ptr) + (case * 256 + rank)), mask=mask)
+        row = tl.where(values > 0, 512, 0)
+    code = tl.load(final_codes(tables_ptr) + (row | rank))
+    if EVEN:
+        tl.store(codes_ptr + offsets, code)
+    else:
+        tl.store(codes_ptr + offsets, code, mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,7 +306,8 @@ def _update_8bit_kernel(
     beta1, beta2, beta3, one_minus_beta1, one_minus_beta2, one_minus_beta3, alpha, eps, eps_c2, c1, c2,
     lr, step_size, weight_decay, decay, has_weight_decay, first_step, gnorm_scale,
     RULE: tl.constexpr, SKIP_ZEROS: tl.constexpr, MULTI: tl.constexpr, LOG_TENSORS: tl.constexpr,
-    P_DTYPE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr, INTERPRET: tl.constexpr,
+    P_DTYPE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr, EVEN: tl.constexpr, SCALE_GRAD: tl.constexpr,
+    ALIGNED: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0).to(tl.int64)
     if MULTI:
@@ -256,38 +320,63 @@ def _update_8bit_kernel(
         codes2_ptr = _table_pointer(table_ptr, 5, t, n_tensors, tl.uint8)
         absmax1_ptr = _table_pointer(table_ptr, 6, t, n_tensors, tl.float32)
         absmax2_ptr = _table_pointer(table_ptr, 7, t, n_tensors, tl.float32)
+        if ALIGNED:  # 16-byte accesses (and no layout conversions between the loads)
+            g_ptr = tl.multiple_of(g_ptr, 16)
+            p_ptr = tl.multiple_of(p_ptr, 16)
+            codes1_ptr = tl.multiple_of(codes1_ptr, 16)
+            codes2_ptr = tl.multiple_of(codes2_ptr, 16)
     n_blocks = (n + 255) // 256
-    blocks = tile * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
-    offsets = blocks[:, None] * 256 + tl.arange(0, 256)[None, :]
-    mask = offsets < n
-    raw = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    grad = raw * gnorm_scale
-    param = tl.load(p_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    # 64-bit arithmetic for the program's first element and block only; int32 within the tile.
+    base = tile * (BLOCKS_PER_PROGRAM * 256)
+    first_block = tile * BLOCKS_PER_PROGRAM
+    # Elements and blocks of this tensor from the program's first on, at most one tile's worth.
+    n_left = tl.minimum(n - base, BLOCKS_PER_PROGRAM * 256).to(tl.int32)
+    blocks_left = tl.minimum(n_blocks - first_block, BLOCKS_PER_PROGRAM).to(tl.int32)
+    blocks, offsets, mask = _block_tile(BLOCKS_PER_PROGRAM, n_left)
+    g_ptr += base
+    p_ptr += base
+    codes1_ptr += base
+    codes2_ptr += base
+    absmax1_ptr += first_block
+    absmax2_ptr += first_block
+    if EVEN:
+        raw = tl.load(g_ptr + offsets).to(tl.float32)
+        param = tl.load(p_ptr + offsets).to(tl.float32)
+    else:
+        raw = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        param = tl.load(p_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    # gnorm_scale == 1: ``raw * 1.0`` equals raw except for NaN payloads, which SCALE_GRAD keeps
+    # where a gradient can reach a state unchanged (momentum's first step).
+    grad = raw * gnorm_scale if SCALE_GRAD else raw
 
     qmap1 = tl.load(qmap1_ptr + tl.arange(0, 256))  # the state code values, gathered from registers
     if RULE == _ADAM_ID or RULE == _ADEMAMIX_ID:
         # Non-finite gradients reset the states to 0 and leave p as it was.
         finite = tl.abs(grad) <= 3.4028234663852886e38  # float32 max: False for inf and NaN
         qmap2 = tl.load(qmap2_ptr + tl.arange(0, 256))
-        v = _dequantize(codes2_ptr, absmax2_ptr, qmap2, offsets, mask, blocks, n_blocks)
+        v = _dequantize(codes2_ptr, absmax2_ptr, qmap2, offsets, mask, blocks, blocks_left, EVEN)
         v = tl.where(finite, v * beta2 + one_minus_beta2 * grad * grad, 0.0)
-        m = _dequantize(codes1_ptr, absmax1_ptr, qmap1, offsets, mask, blocks, n_blocks)
+        m = _dequantize(codes1_ptr, absmax1_ptr, qmap1, offsets, mask, blocks, blocks_left, EVEN)
         m = tl.where(finite, m * beta1 + one_minus_beta1 * grad, 0.0)
         if RULE == _ADAM_ID:
             new_p = param + step_size * tl.math.div_rn(m, tl.sqrt_rn(v) + eps_c2)
         else:
-            m2 = _dequantize(codes1_ptr + n, absmax1_ptr + n_blocks, qmap1, offsets, mask, blocks, n_blocks)
+            codes3_ptr = codes1_ptr + n  # the second momentum: state1[1], absmax1[1]
+            absmax3_ptr = absmax1_ptr + n_blocks
+            m2 = _dequantize(codes3_ptr, absmax3_ptr, qmap1, offsets, mask, blocks, blocks_left, EVEN)
             m2 = tl.where(finite, m2 * beta3 + one_minus_beta3 * grad, 0.0)
             numerator = tl.math.div_rn(m, c1) + alpha * m2
             new_p = param - lr * tl.math.div_rn(numerator, tl.math.div_rn(tl.sqrt_rn(v), c2) + eps)
-            _requantize(m2, codes1_ptr + n, absmax1_ptr + n_blocks, tables1_ptr, offsets, mask, blocks, n_blocks,
-                        SIGNED=True)  # fmt: skip
+            _requantize(m2, codes3_ptr, absmax3_ptr, tables1_ptr, offsets, mask, blocks, blocks_left,
+                        SIGNED=True, EVEN=EVEN, INTERPRET=INTERPRET)  # fmt: skip
         new_p = tl.where(has_weight_decay, new_p * decay, new_p)
         new_p = tl.where(finite, new_p, param)
-        _requantize(m, codes1_ptr, absmax1_ptr, tables1_ptr, offsets, mask, blocks, n_blocks, SIGNED=True)
-        _requantize(v, codes2_ptr, absmax2_ptr, tables2_ptr, offsets, mask, blocks, n_blocks, SIGNED=False)
+        _requantize(m, codes1_ptr, absmax1_ptr, tables1_ptr, offsets, mask, blocks, blocks_left, SIGNED=True,
+                    EVEN=EVEN, INTERPRET=INTERPRET)  # fmt: skip
+        _requantize(v, codes2_ptr, absmax2_ptr, tables2_ptr, offsets, mask, blocks, blocks_left, SIGNED=False,
+                    EVEN=EVEN, INTERPRET=INTERPRET)  # fmt: skip
     else:
-        s1 = _dequantize(codes1_ptr, absmax1_ptr, qmap1, offsets, mask, blocks, n_blocks)
+        s1 = _dequantize(codes1_ptr, absmax1_ptr, qmap1, offsets, mask, blocks, blocks_left, EVEN)
         if RULE != _LION_ID:  # coupled weight decay
             grad = tl.where(has_weight_decay, grad + param * weight_decay, grad)
         if RULE == _MOMENTUM_ID:
@@ -307,8 +396,13 @@ def _update_8bit_kernel(
             keep = raw == 0.0
             new_p = tl.where(keep, param, new_p)
             s1_new = tl.where(keep, s1, s1_new)
-        _requantize(s1_new, codes1_ptr, absmax1_ptr, tables1_ptr, offsets, mask, blocks, n_blocks, SIGNED=True)
-    tl.store(p_ptr + offsets, cast_rtne(new_p, p_ptr.dtype.element_ty, INTERPRET), mask=mask)
+        _requantize(s1_new, codes1_ptr, absmax1_ptr, tables1_ptr, offsets, mask, blocks, blocks_left, SIGNED=True,
+                    EVEN=EVEN, INTERPRET=INTERPRET)  # fmt: skip
+    new_p = cast_rtne(new_p, p_ptr.dtype.element_ty, INTERPRET)
+    if EVEN:
+        tl.store(p_ptr + offsets, new_p)
+    else:
+        tl.store(p_ptr + offsets, new_p, mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,6 +427,13 @@ def _scalars(beta1, beta2, beta3, alpha, eps, weight_decay, step, lr, gnorm_scal
     )  # fmt: skip
 
 
+def _scale_grad(rule: int, gnorm_scale: float) -> bool:
+    """Whether the 8-bit kernel multiplies the gradient by gnorm_scale. ``g * 1.0`` equals ``g``
+    but for NaN payloads (the GPU returns its canonical NaN), which only momentum can store
+    unchanged (its first step keeps the gradient); every other rule computes with it first."""
+    return gnorm_scale != 1.0 or rule == MOMENTUM
+
+
 class _Contiguous:
     """A contiguous tensor to run a kernel on, copied back into ``dst`` by ``write_back()``."""
 
@@ -352,8 +453,8 @@ def _search_tables(qmap: Tensor, device: torch.device, signed: bool) -> tuple[Te
     """(float32 qmap [256], int32 search tables) of a 256-entry qmap, for the signed or unsigned rule.
 
     The tables are ``quant_blockwise.search_tables``' with the final table replaced by the
-    reference's rounding rules, for each case of the value (sign bit set; +0.0 or NaN; > 0) and
-    each rank:
+    reference's rounding rules, for each case of the value (rows: +0.0 or NaN; sign bit set; > 0)
+    and each rank:
 
     - signed: a value must not round to an entry of the other sign (a tiny negative value to the
       entry 0.0): step one entry towards the value's sign (down unless the value is > 0). Signs
@@ -373,7 +474,7 @@ def _search_tables(qmap: Tensor, device: torch.device, signed: bool) -> tuple[Te
     sorted_values, order = torch.sort(values, stable=True)  # the ranks' order in search
     negative = torch.signbit(sorted_values).long()
     if signed:
-        final = torch.stack([order - (1 - negative), order - negative, order + negative])
+        final = torch.stack([order - negative, order - (1 - negative), order + negative])
     else:
         final = torch.stack([order, order, order + (sorted_values == 0).long()])
     # int64 -> uint8 wraps modulo 256, as the reference's index.to(torch.uint8) does.
@@ -495,7 +596,8 @@ def optimizer_update_8bit_blockwise(
         g_, p_, c1_, c1_ if c2_ is None else c2_, a1_, a1_ if a2_ is None else a2_,
         qmap1_, tables1, qmap2_, tables2, a1_, 1, n,
         RULE=rule, SKIP_ZEROS=bool(skip_zeros), MULTI=False, LOG_TENSORS=0, P_DTYPE=_TL_DTYPES[p.dtype],
-        BLOCKS_PER_PROGRAM=_BLOCKS_PER_PROGRAM, INTERPRET=interpreting(), num_warps=_WARPS_8BIT,
+        BLOCKS_PER_PROGRAM=_BLOCKS_PER_PROGRAM, EVEN=n % (_BLOCKS_PER_PROGRAM * STATE_BLOCK) == 0,
+        SCALE_GRAD=_scale_grad(rule, gnorm_scale), ALIGNED=False, INTERPRET=interpreting(), num_warps=_WARPS_8BIT,
         **_scalars(beta1, beta2, beta3, alpha, eps, weight_decay, step, lr, gnorm_scale), **_launch_options(device),
     )  # fmt: skip
     for work in works[1:]:
@@ -634,7 +736,10 @@ def multi_tensor_update_8bit_blockwise(
     _update_8bit_kernel[(sum(tiles),)](
         g0, p0, c0, c0, a0, a0, qmap1_, tables1, qmap2_, tables2, table, len(small), 0,
         RULE=rule, SKIP_ZEROS=bool(skip_zeros), MULTI=True, LOG_TENSORS=(len(small) - 1).bit_length(),
-        P_DTYPE=_TL_DTYPES[p0.dtype], BLOCKS_PER_PROGRAM=_BLOCKS_PER_PROGRAM, INTERPRET=interpreting(),
-        num_warps=_WARPS_8BIT,
+        P_DTYPE=_TL_DTYPES[p0.dtype], BLOCKS_PER_PROGRAM=_BLOCKS_PER_PROGRAM,
+        EVEN=all(p.numel() % (_BLOCKS_PER_PROGRAM * STATE_BLOCK) == 0 for _, p, *_ in small),
+        SCALE_GRAD=_scale_grad(rule, gnorm_scale),
+        ALIGNED=all(t.data_ptr() % 16 == 0 for g, p, s1, s2, _, _ in small for t in (g, p, s1, s2) if t is not None),
+        INTERPRET=interpreting(), num_warps=_WARPS_8BIT,
         **_scalars(beta1, beta2, beta3, alpha, eps, weight_decay, step, lr, gnorm_scale), **_launch_options(device),
     )  # fmt: skip
