@@ -85,8 +85,9 @@ class MatmulLtState:
         raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
 
     def __getstate__(self) -> dict:
-        # Kernel launches kept on the state (backends/triton/kept_launch.py) are not copied.
-        return {k: v for k, v in self.__dict__.items() if k != "_kept_launches"}
+        # Kernel launches kept on the state (backends/triton/kept_launch.py) and the eager plan
+        # that holds one (planned_inference_forward) are not copied.
+        return {k: v for k, v in self.__dict__.items() if k not in ("_kept_launches", "_eager_plan")}
 
     def note_outlier_flags(self, flags: Tensor) -> None:
         """Record the last input's outlier columns as bool flags [K]; ``idx`` is derived from them
@@ -155,8 +156,64 @@ def _inference_forward(A: Tensor, B: Tensor, state: MatmulLtState, bias: Optiona
     launch = _kept_int8_launch(A, state, bias)
     if launch is not None:
         output, flags = launch.launch(A, bias)
+        _keep_plan(A, bias, state, launch)
     else:
         output, flags = F.int8_mixed_linear(A, state.CB, state.SCB, bias, float(state.threshold))
+    if flags is not None:
+        state.note_outlier_flags(flags)
+    return output
+
+
+def _keep_plan(A: Tensor, bias: Optional[Tensor], state: MatmulLtState, launch) -> None:
+    """Remember what this inference call through a kept launch was checked against (see
+    :func:`planned_inference_forward`)."""
+    CB, SCB = state.CB, state.SCB
+    bias_key = None if bias is None else (bias.dtype, bias.shape)  # its values are read at each launch
+    state.__dict__["_eager_plan"] = (
+        A.shape, A.dtype, A.device, CB, CB._version, CB.data_ptr(), SCB, SCB._version, bias, bias_key,
+        state.threshold, launch,
+    )  # fmt: skip
+
+
+def planned_inference_forward(A: Tensor, B: Tensor, bias: Optional[Tensor], state: MatmulLtState) -> Optional[Tensor]:
+    """``matmul(A, B, state=state, bias=bias)`` for an eager inference call like the last one
+    that went through a kept launch (same input shape, dtype and device, the same weight, scales,
+    bias and threshold, unchanged in place), by that launch alone; None when anything differs or
+    the call needs another path (a gradient, weight requantization, tracing, dispatch modes or
+    tensor subclasses): then the caller takes ``matmul``'s.
+
+    Linear8bitLt's forward calls this first. Host time per layer call with the kernels stubbed
+    out (CPU, 4096x4096, one row): 26 us through ``matmul``, 10 us through the plan, of which the
+    kept launch's own work is 5; on an H200 host one row of 4096x4096 takes 29 us per eager call
+    with the plan (two kernel launches; ``tests/gpu/int8_decode.py``)."""
+    plan = state.__dict__.get("_eager_plan")
+    if plan is None:
+        return None
+    shape, dtype, device, CB, CB_version, CB_ptr, SCB, SCB_version, planned_bias, bias_key, threshold, launch = plan
+    if (
+        type(A) is not Tensor
+        or A.shape != shape
+        or A.dtype != dtype
+        or state.CB is not CB
+        or state.SCB is not SCB
+        or bias is not planned_bias
+        or state.threshold != threshold
+        or (state.has_fp16_weights and state.is_training)
+        or (state.is_training and device.type in _DEQUANTIZED_TRAINING_DEVICES)
+        or CB._version != CB_version
+        or SCB._version != SCB_version
+        or CB.data_ptr() != CB_ptr
+        or A.device != device
+    ):
+        return None
+    if bias is not None and (bias.dtype, bias.shape) != bias_key:
+        return None
+    if torch.is_grad_enabled() and (A.requires_grad or B.requires_grad or (bias is not None and bias.requires_grad)):
+        return None
+    if not registry.may_skip_dispatch(A):  # tracing, dispatch modes (the device was checked when planned)
+        return None
+    _warn_float16_cast(A, stacklevel=3)
+    output, flags = launch.launch(A, bias)
     if flags is not None:
         state.note_outlier_flags(flags)
     return output
@@ -174,9 +231,7 @@ def _quantize_weight(state: MatmulLtState, B: Tensor) -> None:
         # An already quantized weight (Int8Params) carries its own scales.
         SCB = getattr(B, "SCB", None)
         if SCB is None:
-            raise ValueError(
-                "B is int8 but carries no SCB row scales; pass a state with CB and SCB set, or a float B"
-            )
+            raise ValueError("B is int8 but carries no SCB row scales; pass a state with CB and SCB set, or a float B")
         state.CB, state.SCB = B.detach(), SCB
         return
     state.CB, state.SCB, _ = F.int8_vectorwise_quant(B.detach().to(torch.float16).contiguous())

@@ -159,6 +159,16 @@ def direct_kernel(name: str, device_type: str):
     return _REGISTERED.get((name, device_type)) or REFERENCES[name]
 
 
+def may_skip_dispatch(tensor: torch.Tensor) -> bool:
+    """Whether an eager call on ``tensor`` may skip the op's dispatch: False while tracing, under
+    dispatch modes (fake tensors, recorders) and for tensor subclasses that dispatch themselves."""
+    return not (
+        type(tensor).__torch_dispatch__ is not torch.Tensor.__torch_dispatch__
+        or torch.compiler.is_compiling()
+        or is_in_torch_dispatch_mode()
+    )
+
+
 def triton_module(name: str, tensor: torch.Tensor):
     """The module of tritonbits.backends.triton holding op ``name``'s kernel, for an eager call on
     ``tensor`` that may skip the op and use a launch kept on a quant state
@@ -167,11 +177,7 @@ def triton_module(name: str, tensor: torch.Tensor):
     The op must be called while tracing, under dispatch modes (fake tensors, recorders), for
     tensor subclasses that dispatch themselves (DTensor), and where Triton does not serve the op
     on the tensor's device (not registered there, not importable, GPU too old)."""
-    if (
-        type(tensor).__torch_dispatch__ is not torch.Tensor.__torch_dispatch__
-        or torch.compiler.is_compiling()
-        or is_in_torch_dispatch_mode()
-    ):
+    if not may_skip_dispatch(tensor):
         return None
     device = tensor.device
     if (name, device.type) not in _REGISTERED or not triton_serves(device):

@@ -38,10 +38,20 @@ def _assert_matches(out, expected, dtype, exact):
         assert (out.float() - expected.float()).abs().max().item() <= _OUTLIER_RTOL[dtype] * scale
 
 
+@pytest.fixture(params=["one program", "per K tile"])
+def quantize_launches(request, monkeypatch):
+    """A quantized in one program (small A, the default up to ONE_PROGRAM_ELEMENTS) or by the two
+    kernels of one program per K tile."""
+    from tritonbits.backends.triton import int8_linear
+
+    monkeypatch.setattr(int8_linear, "ONE_PROGRAM_ELEMENTS", 1 << 30 if request.param == "one program" else 0)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows", [1, 5, 16, 17])
 @pytest.mark.parametrize("threshold", [0.0, 3.0])
-def test_matches_the_reference(device, launcher, reference, rng, dtype, rows, threshold):
+def test_matches_the_reference(device, launcher, reference, rng, quantize_launches, dtype, rows, threshold):
     # K not a multiple of the K tile and N not of the N tile: the masked edges; 17 rows: unfused.
     N, K = 70, 600
     CB, SCB = _weight(rng, N, K, device)
@@ -79,7 +89,7 @@ def test_threshold_compares_in_float16(device, launcher, reference, rng):
     _assert_matches(out.cpu(), expected, torch.float16, exact=False)
 
 
-def test_outliers_in_one_k_tile_only(device, launcher, reference, rng):
+def test_outliers_in_one_k_tile_only(device, launcher, reference, rng, quantize_launches):
     # K = 1024 in 512-wide K tiles, outliers taken 64 columns at a time: only the second tile
     # holds outlier columns, in two of its eight steps (640-703, 704-767); the rest are skipped.
     CB, SCB = _weight(rng, 64, 1024, device)
@@ -92,7 +102,7 @@ def test_outliers_in_one_k_tile_only(device, launcher, reference, rng):
     _assert_matches(out.cpu(), expected, torch.bfloat16, exact=False)
 
 
-def test_batch_dims_and_strided_rows(device, launcher, reference, rng):
+def test_batch_dims_and_strided_rows(device, launcher, reference, rng, quantize_launches):
     CB, SCB = _weight(rng, 40, 64, device)
     A = _activations(rng, (2, 3, 128), torch.float16, device)[..., ::2]  # every other column
     out, _ = launcher("int8_mixed_linear")(A, CB, SCB, None, 0.0)
@@ -168,6 +178,94 @@ def test_linear8bitlt_inference_through_the_fused_kernel(device, rng, monkeypatc
     assert flags.any()
     _assert_matches(out.cpu(), expected, torch.float16, exact=False)
     assert any(isinstance(entry[1], int8_linear.Int8LinearLaunch) for entry in layer.state._kept_launches.values())
+
+
+def test_kept_launch_reuses_its_buffers_per_thread(device, rng, monkeypatch):
+    """The codes and stats buffers of a kept launch are reused by the next call from the same
+    thread (and stream), while another thread gets its own; every call's result is right."""
+    import threading
+
+    from tritonbits._ops import REFERENCES
+    from tritonbits.backends.triton import int8_linear
+
+    CB, SCB = _weight(rng, 48, 256, device)
+    launch = int8_linear._fused_launch(torch.empty(2, 256, dtype=torch.float16, device=device), CB, SCB, None, 3.0)
+    inputs = [_activations(rng, (2, 256), torch.float16, device, outlier_every=5) for _ in range(3)]
+    buffers = []
+
+    def call(A, results):
+        out, flags = launch.launch(A, None)
+        results.append((A, out, flags.clone()))
+        buffers.append(launch._workspace()[1].data_ptr())
+
+    results = []
+    call(inputs[0], results)
+    call(inputs[1], results)
+    worker = threading.Thread(target=call, args=(inputs[2], results))
+    worker.start()
+    worker.join()
+    assert buffers[0] == buffers[1] != buffers[2]
+    for A, out, flags in results:
+        expected, expected_flags = REFERENCES["int8_mixed_linear"](A.cpu(), CB.cpu(), SCB.cpu(), None, 3.0)
+        assert torch.equal(flags.cpu(), expected_flags)
+        _assert_matches(out.cpu(), expected, torch.float16, exact=False)
+
+
+def test_linear8bitlt_eager_plan_serves_repeated_calls_and_follows_changes(device, rng, monkeypatch):
+    """After one eager inference call through the fused kernels, Linear8bitLt's next calls with
+    the same input shape go straight to the kept launch (not through matmul); a change to the
+    scales, the bias's dtype, the threshold, the input's shape, or a needed gradient takes the
+    full path again, with the right result each time."""
+    import tritonbits as bnb
+    from tritonbits._ops import REFERENCES
+    from tritonbits.backends import registry
+    from tritonbits.backends.triton import int8_linear
+    from tritonbits.nn import linear8bit
+
+    monkeypatch.setattr(registry, "triton_module", lambda op, tensor: int8_linear)
+    full_path_calls = []
+    real_matmul = linear8bit.matmul
+
+    def counting_matmul(*args, **kwargs):
+        full_path_calls.append(1)
+        return real_matmul(*args, **kwargs)
+
+    monkeypatch.setattr(linear8bit, "matmul", counting_matmul)
+    dense = torch.nn.Linear(128, 64).half()
+    layer = bnb.nn.Linear8bitLt(128, 64, has_fp16_weights=False, threshold=6.0)
+    layer.load_state_dict(dense.state_dict())
+    layer = layer.to(device).eval()
+
+    def check(x, full_path):
+        calls = len(full_path_calls)
+        with torch.no_grad():
+            out = layer(x)
+        assert len(full_path_calls) - calls == int(full_path)
+        CB, SCB, bias = layer.state.CB.cpu(), layer.state.SCB.cpu(), layer.bias.detach().cpu()
+        expected, _ = REFERENCES["int8_mixed_linear"](x.cpu(), CB, SCB, bias.to(x.dtype), layer.state.threshold)
+        _assert_matches(out.cpu(), expected, x.dtype, exact=False)
+
+    x = _activations(rng, (1, 128), torch.float16, device, outlier_every=9) * 2
+    check(x, full_path=True)
+    check(_activations(rng, (1, 128), torch.float16, device, outlier_every=9) * 2, full_path=False)
+    assert "_eager_plan" not in copy.deepcopy(layer.state).__dict__
+    layer.state.SCB.mul_(0.5)
+    check(x, full_path=True)
+    check(x, full_path=False)
+    layer.bias.data.add_(1.0)  # read at every launch
+    check(x, full_path=False)
+    layer.bias.data = layer.bias.data.float()  # the full path casts it back to the input's dtype
+    check(x, full_path=True)
+    check(x, full_path=False)
+    layer.state.threshold = 3.0
+    check(x, full_path=True)
+    check(x[0], full_path=True)  # another shape
+    check(x, full_path=True)
+    check(x, full_path=False)
+    x_grad = x.clone().requires_grad_()
+    out = layer(x_grad)  # grad mode: the autograd path, and the input gets its gradient
+    out.float().sum().backward()
+    assert x_grad.grad is not None and len(full_path_calls) == 7
 
 
 @pytest.mark.parametrize("K, N", [(4096, 4096), (8192, 28672)])

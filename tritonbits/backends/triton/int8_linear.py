@@ -8,8 +8,8 @@ columns of A holding an outlier are multiplied in A's dtype against CB's dequant
 added. Unfused that is 4-6 kernels, a host sync (the outlier columns are data-dependent) and
 ~200 us of host time per call, ten times what a 4096x4096 decode product takes on the GPU.
 
-For up to :data:`FUSED_ROWS` rows three small launches, prepared once per weight and row count
-and kept on the layer's state, do all of it with no host sync:
+For up to :data:`FUSED_ROWS` rows three small launches (two for a small A, below), prepared once
+per weight and row count and kept on the layer's state, do all of it with no host sync:
 
 1. one program per K tile reads that tile of every row (A is at most 16 x K) and writes the rows'
    partial absmax and, with a threshold, the outlier-column flags and whether the tile holds any;
@@ -21,6 +21,10 @@ and kept on the layer's state, do all of it with no host sync:
    those columns of A in A's dtype against CB's columns dequantized (``CB * SCB / 127`` rounded
    to A's dtype, as the reference does), 64 columns at a time, so a call without outliers pays
    one scalar load per tile for them.
+
+For a small A (:data:`ONE_PROGRAM_ELEMENTS`: one row of up to 16384) steps 1 and 2 are one
+program holding all of A: one launch fewer, and at decode sizes a launch costs more host time
+than the GPU spends on the step.
 
 A first version quantized A inside the product's K loop (one kernel): every program then redid
 that work and the row reductions, 102-110 us on 8192x28672 against 85 us for the product alone,
@@ -43,6 +47,7 @@ the wait for them is placed after the product's launch (:func:`_unfused`).
 
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import torch
@@ -60,7 +65,12 @@ from .kept_launch import KeptLaunch, kept_launch
 
 # Rows (A.numel() // K) up to which the fused kernel serves; BLOCK_M is 16 whatever the rows.
 FUSED_ROWS = 16
+# Up to this many elements of A's tile (rows and K rounded up: rows to a power of two, K to whole
+# K tiles), one program finds the absmax and writes the codes (_absmax_quantize_kernel): one
+# launch fewer, which at decode sizes is host time saved (H200: about 11 us per launch).
+ONE_PROGRAM_ELEMENTS = 16384
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_WORKSPACES = 16  # (stream, thread) buffer sets kept per launch, see Int8LinearLaunch._workspace
 
 
 @triton.jit
@@ -122,6 +132,35 @@ def _quantize_chunks_kernel(
     tl.store(q_ptrs, q, mask=(offs_m < M)[:, None] & (offs_k < K)[None, :])
     if chunk == 0:
         tl.store(stats_ptr + offs_m, absmax, mask=offs_m < M)
+
+
+@triton.jit
+def _absmax_quantize_kernel(
+    a_ptr, q_ptr, stats_ptr, flags_ptr, tile_flags_ptr, M, K, stride_am, n_chunks, threshold,
+    ROWS: tl.constexpr, COLUMNS: tl.constexpr, CHUNK: tl.constexpr, OUTLIERS: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):  # fmt: skip
+    """Both kernels above as one program holding all of a small A, a [ROWS, COLUMNS] tile (the
+    rows and K rounded up to powers of two): the rows' absmax, the outlier flags (and per CHUNK
+    columns whether any), the codes. One launch instead of two, and no loop: a program looping
+    over the K tiles was latency-bound (50 us for 4096 columns with a threshold, H200)."""
+    offs_m = tl.arange(0, ROWS)
+    offs_k = tl.arange(0, COLUMNS)
+    ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + offs_k[None, :]
+    x = tl.load(ptrs, mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0.0)
+    x = x.to(tl.float16).to(tl.float32)
+    absmax = _chunk_absmax(x, threshold, OUTLIERS)
+    if OUTLIERS:
+        columns = _outlier_columns(x, threshold)
+        tl.store(flags_ptr + offs_k, columns.to(tl.uint8), mask=offs_k < K)
+        chunks = tl.arange(0, COLUMNS // CHUNK)
+        tile_flags = tl.max(tl.reshape(columns, (COLUMNS // CHUNK, CHUNK)), axis=1)
+        tl.store(tile_flags_ptr + chunks, tile_flags, mask=chunks < n_chunks)
+        x = tl.where(columns[None, :] != 0, 0.0, x)
+    q = round_half_even(x * _row_scale(absmax)[:, None], INTERPRET).to(tl.int8)
+    q_ptrs = q_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :]
+    tl.store(q_ptrs, q, mask=(offs_m < M)[:, None] & (offs_k < K)[None, :])
+    tl.store(stats_ptr + offs_m, absmax, mask=offs_m < M)
 
 
 @triton.jit
@@ -222,6 +261,9 @@ class Int8LinearLaunch:
         block_n = 128 if triton.cdiv(N, 128) >= int8_matmul._multiprocessors(device) else 64
         block_k = max(32, min(512, triton.next_power_of_2(K)))
         self.rows, self.N, self.K, self.dtype, self.device = rows, N, K, dtype, device
+        if device.type == "cuda" and device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self._workspaces: dict = {}  # (stream, thread) -> buffers, see _workspace
         self.CB, self.SCB = CB, SCB
         self.outliers = threshold > 0.0
         # torch compares float16(A).abs() >= threshold in float16: the threshold rounds first.
@@ -229,38 +271,74 @@ class Int8LinearLaunch:
         self.chunks = triton.cdiv(K, block_k)
         even_k = K % block_k == 0
         common = dict(BLOCK_M=16, CHUNK=block_k, OUTLIERS=self.outliers, EVEN_K=even_k)
-        self.absmax = _Launch(_absmax_chunks_kernel, (self.chunks,), common, 4)
-        self.quantize = _Launch(_quantize_chunks_kernel, (self.chunks,), dict(
-            common, CHUNKS_POW2=triton.next_power_of_2(self.chunks), INTERPRET=interpreting()), 4)  # fmt: skip
+        tile_rows, tile_columns = triton.next_power_of_2(rows), self.chunks * block_k
+        self.one_program = tile_rows * tile_columns <= ONE_PROGRAM_ELEMENTS
+        if self.one_program:
+            self.absmax_quantize = _Launch(_absmax_quantize_kernel, (1,), dict(
+                ROWS=tile_rows, COLUMNS=tile_columns, CHUNK=block_k, OUTLIERS=self.outliers,
+                INTERPRET=interpreting()), 8)  # fmt: skip
+        else:
+            self.absmax = _Launch(_absmax_chunks_kernel, (self.chunks,), common, 4)
+            self.quantize = _Launch(_quantize_chunks_kernel, (self.chunks,), dict(
+                common, CHUNKS_POW2=triton.next_power_of_2(self.chunks), INTERPRET=interpreting()), 4)  # fmt: skip
         self.product = _Launch(_int8_linear_kernel, (triton.cdiv(N, block_n),), dict(
             BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=even_k, HAS_BIAS=has_bias, OUTLIERS=self.outliers,
             OUTLIER_K=min(64, block_k), DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
             INTERPRET=interpreting()), 4)  # fmt: skip
 
     def launch(self, A: torch.Tensor, bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        rows, N, K, device = self.rows, self.N, self.K, self.device
-        a2d = A.reshape(rows, K)
+        rows, N, K = self.rows, self.N, self.K
+        a2d = A if A.dim() == 2 else A.reshape(rows, K)
         if a2d.stride(1) != 1:
             a2d = a2d.contiguous()
-        partial = torch.empty(self.chunks, 16, device=device, dtype=torch.float32)
-        codes = torch.empty(rows, K, device=device, dtype=torch.int8)
-        stats = torch.empty(rows, device=device, dtype=torch.float32)
-        out = torch.empty(rows, N, device=device, dtype=self.dtype)
-        flags = tile_flags = None
-        if self.outliers:
-            flags = torch.empty(K, device=device, dtype=torch.bool)
-            tile_flags = torch.empty(self.chunks, device=device, dtype=torch.int32)
-        flag_bytes = flags.view(torch.uint8) if flags is not None else partial  # placeholders when unused
-        tile_flags = tile_flags if tile_flags is not None else partial
+        partial, codes, stats, flags, flag_bytes, tile_flags = self._workspace()
+        out = torch.empty(rows, N, device=self.device, dtype=self.dtype)
         a_spec = (a2d.data_ptr() % 16 == 0, a2d.stride(0))
-        self.absmax((a2d, partial, flag_bytes, tile_flags, rows, K, a2d.stride(0), self.threshold), a_spec)
-        self.quantize((a2d, partial, codes, stats, rows, K, a2d.stride(0), self.chunks, self.threshold), a_spec)
+        if self.one_program:
+            self.absmax_quantize((a2d, codes, stats, flag_bytes, tile_flags, rows, K, a2d.stride(0), self.chunks,
+                                  self.threshold), a_spec)  # fmt: skip
+        else:
+            self.absmax((a2d, partial, flag_bytes, tile_flags, rows, K, a2d.stride(0), self.threshold), a_spec)
+            self.quantize((a2d, partial, codes, stats, rows, K, a2d.stride(0), self.chunks, self.threshold), a_spec)
         args = (
             codes, stats, self.CB, self.SCB, bias if bias is not None else self.SCB, out, a2d, flag_bytes, tile_flags,
             rows, N, K, self.CB.stride(0), out.stride(0), a2d.stride(0), reference._INV_127, reference._INV_127_SQUARED,
         )  # fmt: skip
         self.product(args, (*a_spec, None if bias is None else bias.data_ptr() % 16 == 0))
-        return out.view(*A.shape[:-1], N), flags
+        return (out if A.dim() == 2 else out.view(*A.shape[:-1], N)), flags
+
+    def _workspace(self) -> tuple:
+        """(partial absmax or None, codes, row stats, outlier flags bool or None, the flags as
+        uint8, tile flags) for this call (without a threshold the last two are placeholders).
+
+        The buffers live only from the first kernel to the product, in stream order, so a launch
+        reuses them for every call from the same host thread on the same stream (with the kernels
+        stubbed out on a CPU host, ``launch`` took 18.6 us with fresh buffers and 8.5 us with
+        reused ones). A call from another thread or stream, which
+        could interleave with this one's kernels, gets its own; a call while a CUDA graph is
+        captured gets fresh ones (the graph keeps their addresses). The flags are returned and
+        kept on the layer's state as the last input's: the next call's overwrite them then."""
+        cuda = self.device.type == "cuda"
+        if cuda and torch._C._cuda_isCurrentStreamCapturing():
+            return self._new_workspace()
+        key = (torch._C._cuda_getCurrentRawStream(self.device.index) if cuda else 0, threading.get_ident())
+        buffers = self._workspaces.get(key)
+        if buffers is None:
+            if len(self._workspaces) >= _MAX_WORKSPACES:  # threads come and go: keep the recent ones
+                self._workspaces.clear()  # (a call still running holds its buffers until it returns)
+            buffers = self._workspaces[key] = self._new_workspace()
+        return buffers
+
+    def _new_workspace(self) -> tuple:
+        device, chunks = self.device, self.chunks
+        partial = None if self.one_program else torch.empty(chunks, 16, device=device, dtype=torch.float32)
+        codes = torch.empty(self.rows, self.K, device=device, dtype=torch.int8)
+        stats = torch.empty(self.rows, device=device, dtype=torch.float32)
+        if not self.outliers:
+            return partial, codes, stats, None, stats, stats
+        flags = torch.empty(self.K, device=device, dtype=torch.bool)
+        tile_flags = torch.empty(chunks, device=device, dtype=torch.int32)
+        return partial, codes, stats, flags, flags.view(torch.uint8), tile_flags
 
 
 def _fused_launch(A, CB, SCB, bias, threshold: float) -> Optional[Int8LinearLaunch]:
@@ -350,6 +428,6 @@ def state_int8_launch(A: torch.Tensor, state, bias: Optional[torch.Tensor]) -> O
     and kept on ``state`` (rebuilt when CB or SCB change, see ``kept_launch``)."""
     threshold = float(state.threshold)
     key = ("int8_mixed_linear", A.numel() // max(A.shape[-1], 1), A.dtype, A.device, threshold,
-           None if bias is None else bias.dtype)  # fmt: skip
+           None if bias is None else (bias.dtype, bias.shape))  # fmt: skip
     return kept_launch(state, key, state.CB, lambda: _fused_launch(A, state.CB, state.SCB, bias, threshold),
                        tensors=[state.SCB])  # fmt: skip
