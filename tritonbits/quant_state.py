@@ -92,8 +92,9 @@ class QuantState:
         raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
 
     def __getstate__(self) -> dict[str, Any]:
-        # Launches prepared for this state's weight (backends/triton/kept_launch.py) are not copied.
-        return {k: v for k, v in self.__dict__.items() if k != "_kept_launches"}
+        # Launches prepared for this state's weight (backends/triton/kept_launch.py) and the eager
+        # plan that holds one (autograd/matmul_4bit.py: planned_matmul_4bit) are not copied.
+        return {k: v for k, v in self.__dict__.items() if k not in ("_kept_launches", "_eager_plan")}
 
     def __getitem__(self, idx):
         """The pre-0.41 list layout: [absmax, shape, dtype, blocksize, [offset, state2] or None, quant_type]."""

@@ -186,13 +186,14 @@ def planned_inference_forward(A: Tensor, B: Tensor, bias: Optional[Tensor], stat
     out (CPU, 4096x4096, one row): 26 us through ``matmul``, 10 us through the plan, of which the
     kept launch's own work is 5; on an H200 host one row of 4096x4096 takes 29 us per eager call
     with the plan (two kernel launches; ``tests/gpu/int8_decode.py``)."""
+    if type(A) is not Tensor or not registry.may_skip_dispatch(A):  # tracing first: compiled code never reads the plan
+        return None
     plan = state.__dict__.get("_eager_plan")
     if plan is None:
         return None
     shape, dtype, device, CB, CB_version, CB_ptr, SCB, SCB_version, planned_bias, bias_key, threshold, launch = plan
     if (
-        type(A) is not Tensor
-        or A.shape != shape
+        A.shape != shape
         or A.dtype != dtype
         or state.CB is not CB
         or state.SCB is not SCB
@@ -209,8 +210,6 @@ def planned_inference_forward(A: Tensor, B: Tensor, bias: Optional[Tensor], stat
     if bias is not None and (bias.dtype, bias.shape) != bias_key:
         return None
     if torch.is_grad_enabled() and (A.requires_grad or B.requires_grad or (bias is not None and bias.requires_grad)):
-        return None
-    if not registry.may_skip_dispatch(A):  # tracing, dispatch modes (the device was checked when planned)
         return None
     _warn_float16_cast(A, stacklevel=3)
     output, flags = launch.launch(A, bias)

@@ -18,7 +18,7 @@ import warnings
 import torch
 from torch import nn
 
-from ..autograd.matmul_4bit import matmul_4bit
+from ..autograd.matmul_4bit import matmul_4bit, planned_matmul_4bit
 from .params4bit import Params4bit, load_prequantized_weight, quantized_weight, save_quant_state
 
 __all__ = ["Linear4bit", "LinearFP4", "LinearNF4"]
@@ -105,7 +105,11 @@ class Linear4bit(nn.Linear):
         input_dtype = x.dtype
         if self.compute_dtype is not None:
             x = x.to(self.compute_dtype)
-        return matmul_4bit(x, weight, weight.quant_state, bias=self.bias).to(input_dtype)
+        bias = self.bias
+        out = planned_matmul_4bit(x, weight, weight.quant_state, bias)  # the eager decode path
+        if out is None:
+            out = matmul_4bit(x, weight, weight.quant_state, bias=bias)
+        return out.to(input_dtype)
 
 
 class LinearFP4(Linear4bit):

@@ -72,7 +72,18 @@ def test_every_kernel_variant(device, launcher, rng, config, rows, nested):
     if nested:
         inner = state.state2
         nested_args = (inner.code, inner.absmax, state.offset.reshape(1), inner.blocksize)
-        args = (a, packed, [N, K], state.absmax, inner.code, inner.absmax, state.offset, inner.blocksize, state.code, 64)
+        args = (
+            a,
+            packed,
+            [N, K],
+            state.absmax,
+            inner.code,
+            inner.absmax,
+            state.offset,
+            inner.blocksize,
+            state.code,
+            64,
+        )
         expected = REFERENCES["gemv_4bit_nested"](*args)
     else:
         nested_args = None
@@ -208,3 +219,64 @@ def test_kept_launch_follows_a_weight_whose_storage_moves(device, launcher, rng)
     assert torch.equal(launch.launch(a), expected)
     assert torch.equal(state_gemv_launch(a, packed, state).launch(a), _op_launch(launcher, a, packed, state))
     del placeholder
+
+
+def test_linear4bit_eager_plan_serves_repeated_calls_and_follows_changes(device, rng, monkeypatch):
+    """After one eager call through a kept gemv launch, Linear4bit's next calls with the same
+    input shape and dtype go straight to that launch (not through matmul_4bit); an in-place
+    change of the absmax, new codes storage, another bias dtype or input shape, or a needed
+    gradient takes the full path again, with the right result each time."""
+    import copy
+
+    import tritonbits as bnb
+    from tritonbits.backends import registry
+    from tritonbits.backends.triton import gemv_4bit
+    from tritonbits.nn import linear4bit
+
+    real_triton_module = registry.triton_module
+    monkeypatch.setattr(registry, "triton_module",
+                        lambda op, tensor: gemv_4bit if op == "gemv_4bit" else real_triton_module(op, tensor))  # fmt: skip
+    full_path_calls = []
+    real_matmul_4bit = linear4bit.matmul_4bit
+
+    def counting_matmul_4bit(*args, **kwargs):
+        full_path_calls.append(1)
+        return real_matmul_4bit(*args, **kwargs)
+
+    monkeypatch.setattr(linear4bit, "matmul_4bit", counting_matmul_4bit)
+    layer = bnb.nn.Linear4bit(256, 48, compute_dtype=torch.bfloat16, quant_type="nf4").to(torch.bfloat16)
+    layer = layer.to(device).quantize_()
+
+    def check(x, full_path):
+        calls = len(full_path_calls)
+        with torch.no_grad():
+            out = layer(x)
+        assert len(full_path_calls) - calls == int(full_path)
+        weight = F.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(torch.bfloat16)
+        expected = torch.nn.functional.linear(x.to(torch.bfloat16), weight, layer.bias.to(torch.bfloat16)).to(x.dtype)
+        torch.testing.assert_close(out, expected, rtol=2**-7, atol=2**-7 * expected.abs().max().item())
+
+    def activations(*shape):
+        return torch.randn(*shape, generator=rng).to(device=device, dtype=torch.bfloat16)
+
+    state = layer.weight.quant_state
+    x = activations(1, 256)
+    check(x, full_path=True)
+    check(activations(1, 256), full_path=False)
+    assert "_eager_plan" in state.__dict__ and "_eager_plan" not in copy.deepcopy(state).__dict__
+    with torch.no_grad():
+        (state.state2.absmax if state.nested else state.absmax).mul_(0.5)  # the kept launch is rebuilt
+    check(x, full_path=True)
+    check(x, full_path=False)
+    layer.weight.data.copy_(layer.weight.data.flip(0))  # same storage: the launch reads the new codes
+    check(x, full_path=False)
+    layer.weight.data = layer.weight.data.flip(0).clone()  # new storage: a new launch
+    check(x, full_path=True)
+    check(activations(3, 256), full_path=True)  # another row count
+    check(x, full_path=True)
+    layer.bias.data = layer.bias.data.float()  # matmul_4bit casts the bias to the input's dtype
+    check(x, full_path=True)
+    check(x, full_path=True)
+    x_grad = x.clone().requires_grad_()
+    layer(x_grad).float().sum().backward()  # grad mode: the autograd path, the input gets its gradient
+    assert x_grad.grad is not None and len(full_path_calls) == 8

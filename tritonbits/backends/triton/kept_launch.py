@@ -69,6 +69,12 @@ def _sources(B: torch.Tensor, tensors: list[torch.Tensor]) -> tuple:
             B._version, *(id(t) for t in tensors), *(t._version for t in tensors))  # fmt: skip
 
 
+def quant_state_sources(B: torch.Tensor, state: QuantState) -> tuple:
+    """What :func:`kept_launch` checks a launch kept on ``state`` for the weight B against (by
+    default): equal tuples mean the launch still serves B and ``state``."""
+    return _sources(B, _quant_state_tensors(state))
+
+
 def kept_launch(holder, key: Hashable, B: torch.Tensor, build: Callable[[], Optional[KeptLaunch]],
                 tensors: Optional[list[torch.Tensor]] = None) -> Optional[KeptLaunch]:  # fmt: skip
     """The launch kept on ``holder`` (a QuantState, or any object with a ``__dict__``) under
