@@ -25,7 +25,9 @@ def assert_close_to(actual, expected64, dtype, magnitude64=None, k=1):
     bound = 2 * eps * (expected64.abs() + magnitude64) + 4 * k**0.5 * EPS[torch.float32] * magnitude64
     error = (actual.double() - expected64).abs()
     assert actual.shape == expected64.shape
-    assert bool((error <= bound).all()), f"max error {error.max().item():.3g}, bound there {bound.flatten()[error.argmax()].item():.3g}"
+    assert bool((error <= bound).all()), (
+        f"max error {error.max().item():.3g}, bound there {bound.flatten()[error.argmax()].item():.3g}"
+    )
 
 
 def assert_same_decoding(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -74,3 +76,17 @@ class OpRecorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.names.append(str(func))
         return func(*args, **(kwargs or {}))
+
+
+def count_calls(monkeypatch, module, name: str) -> list:
+    """Wrap ``module.name`` (monkeypatched for the test) so that every call appends to the list
+    returned; the wrapped function still runs."""
+    real = getattr(module, name)
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counting)
+    return calls

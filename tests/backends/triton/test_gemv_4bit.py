@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from support import count_calls
 
 import tritonbits.functional as F
 
@@ -236,14 +237,7 @@ def test_linear4bit_eager_plan_serves_repeated_calls_and_follows_changes(device,
     real_triton_module = registry.triton_module
     monkeypatch.setattr(registry, "triton_module",
                         lambda op, tensor: gemv_4bit if op == "gemv_4bit" else real_triton_module(op, tensor))  # fmt: skip
-    full_path_calls = []
-    real_matmul_4bit = linear4bit.matmul_4bit
-
-    def counting_matmul_4bit(*args, **kwargs):
-        full_path_calls.append(1)
-        return real_matmul_4bit(*args, **kwargs)
-
-    monkeypatch.setattr(linear4bit, "matmul_4bit", counting_matmul_4bit)
+    full_path_calls = count_calls(monkeypatch, linear4bit, "matmul_4bit")
     layer = bnb.nn.Linear4bit(256, 48, compute_dtype=torch.bfloat16, quant_type="nf4").to(torch.bfloat16)
     layer = layer.to(device).quantize_()
 

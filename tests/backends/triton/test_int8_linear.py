@@ -11,6 +11,7 @@ import pickle
 
 import pytest
 import torch
+from support import count_calls
 
 # One ulp-ish of each output dtype, relative to the output's largest magnitude.
 _OUTLIER_RTOL = {torch.float16: 2**-9, torch.bfloat16: 2**-6, torch.float32: 1e-6}
@@ -223,14 +224,7 @@ def test_linear8bitlt_eager_plan_serves_repeated_calls_and_follows_changes(devic
     from tritonbits.nn import linear8bit
 
     monkeypatch.setattr(registry, "triton_module", lambda op, tensor: int8_linear)
-    full_path_calls = []
-    real_matmul = linear8bit.matmul
-
-    def counting_matmul(*args, **kwargs):
-        full_path_calls.append(1)
-        return real_matmul(*args, **kwargs)
-
-    monkeypatch.setattr(linear8bit, "matmul", counting_matmul)
+    full_path_calls = count_calls(monkeypatch, linear8bit, "matmul")
     dense = torch.nn.Linear(128, 64).half()
     layer = bnb.nn.Linear8bitLt(128, 64, has_fp16_weights=False, threshold=6.0)
     layer.load_state_dict(dense.state_dict())
