@@ -167,31 +167,36 @@ def _inference_forward(A: Tensor, B: Tensor, state: MatmulLtState, bias: Optiona
 def _keep_plan(A: Tensor, bias: Optional[Tensor], state: MatmulLtState, launch) -> None:
     """Remember what this inference call through a kept launch was checked against (see
     :func:`planned_inference_forward`)."""
+    from ..backends.triton.kept_launch import launch_sources  # a launch was kept: Triton imports
+
     CB, SCB = state.CB, state.SCB
     bias_key = None if bias is None else (bias.dtype, bias.shape)  # its values are read at each launch
+    # The sources are what state_int8_launch's kept_launch checks the launch against.
     state.__dict__["_eager_plan"] = (
-        A.shape, A.dtype, A.device, CB, CB._version, CB.data_ptr(), SCB, SCB._version, bias, bias_key,
-        state.threshold, launch,
+        A.shape, A.dtype, A.device, CB, SCB, bias, bias_key, state.threshold, launch_sources,
+        launch_sources(CB, [SCB]), launch,
     )  # fmt: skip
 
 
 def planned_inference_forward(A: Tensor, B: Tensor, bias: Optional[Tensor], state: MatmulLtState) -> Optional[Tensor]:
     """``matmul(A, B, state=state, bias=bias)`` for an eager inference call like the last one
     that went through a kept launch (same input shape, dtype and device, the same weight, scales,
-    bias and threshold, unchanged in place), by that launch alone; None when anything differs or
-    the call needs another path (a gradient, weight requantization, tracing, dispatch modes or
-    tensor subclasses): then the caller takes ``matmul``'s.
+    bias and threshold, CB and SCB unchanged as ``kept_launch`` checks them), by that launch
+    alone; None when anything differs or the call needs another path (a gradient, weight
+    requantization, tracing, dispatch modes or tensor subclasses): then the caller takes
+    ``matmul``'s.
 
     Linear8bitLt's forward calls this first. Host time per layer call with the kernels stubbed
-    out (CPU, 4096x4096, one row): 26 us through ``matmul``, 10 us through the plan, of which the
-    kept launch's own work is 5; on an H200 host one row of 4096x4096 takes 29 us per eager call
-    with the plan (two kernel launches; ``tests/gpu/int8_decode.py``)."""
+    out (CPU, 4096x4096, one row): 26 us through ``matmul``, 11-12 us through the plan, of which
+    the kept launch's own work is 6 and the sources check 2; on an H200 host one row of 4096x4096
+    took 29 us per eager call with the plan (two kernel launches; ``tests/gpu/int8_decode.py``,
+    measured when the plan checked CB and SCB by version and address alone)."""
     if type(A) is not Tensor or not registry.may_skip_dispatch(A):  # tracing first: compiled code never reads the plan
         return None
     plan = state.__dict__.get("_eager_plan")
     if plan is None:
         return None
-    shape, dtype, device, CB, CB_version, CB_ptr, SCB, SCB_version, planned_bias, bias_key, threshold, launch = plan
+    shape, dtype, device, CB, SCB, planned_bias, bias_key, threshold, sources_of, sources, launch = plan
     if (
         A.shape != shape
         or A.dtype != dtype
@@ -201,15 +206,14 @@ def planned_inference_forward(A: Tensor, B: Tensor, bias: Optional[Tensor], stat
         or state.threshold != threshold
         or (state.has_fp16_weights and state.is_training)
         or (state.is_training and device.type in _DEQUANTIZED_TRAINING_DEVICES)
-        or CB._version != CB_version
-        or SCB._version != SCB_version
-        or CB.data_ptr() != CB_ptr
         or A.device != device
     ):
         return None
     if bias is not None and (bias.dtype, bias.shape) != bias_key:
         return None
     if torch.is_grad_enabled() and (A.requires_grad or B.requires_grad or (bias is not None and bias.requires_grad)):
+        return None
+    if sources_of(CB, [SCB]) != sources:  # CB or SCB changed in place, or CB's storage or view
         return None
     _warn_float16_cast(A, stacklevel=3)
     output, flags = launch.launch(A, bias)

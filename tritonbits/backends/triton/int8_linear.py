@@ -314,10 +314,10 @@ class Int8LinearLaunch:
         The buffers live only from the first kernel to the product, in stream order, so a launch
         reuses them for every call from the same host thread on the same stream (with the kernels
         stubbed out on a CPU host, ``launch`` took 18.6 us with fresh buffers and 8.5 us with
-        reused ones). A call from another thread or stream, which
-        could interleave with this one's kernels, gets its own; a call while a CUDA graph is
-        captured gets fresh ones (the graph keeps their addresses). The flags are returned and
-        kept on the layer's state as the last input's: the next call's overwrite them then."""
+        reused ones). A call from another thread or stream, which could interleave with this
+        one's kernels, gets its own; a call while a CUDA graph is captured gets fresh ones (the
+        graph keeps their addresses). The flags are returned and kept on the layer's state as the
+        last input's: the next call's overwrite them then."""
         cuda = self.device.type == "cuda"
         if cuda and torch._C._cuda_isCurrentStreamCapturing():
             return self._new_workspace()

@@ -58,7 +58,7 @@ def _quant_state_tensors(state: QuantState) -> list[torch.Tensor]:
     return tensors
 
 
-def _sources(B: torch.Tensor, tensors: list[torch.Tensor]) -> tuple:
+def launch_sources(B: torch.Tensor, tensors: list[torch.Tensor]) -> tuple:
     """What a kept launch was built from: B's storage, view, alignment and version, and the other
     tensors' ids and versions (the entry keeps B and the tensors, so these ids stay theirs).
 
@@ -72,7 +72,7 @@ def _sources(B: torch.Tensor, tensors: list[torch.Tensor]) -> tuple:
 def quant_state_sources(B: torch.Tensor, state: QuantState) -> tuple:
     """What :func:`kept_launch` checks a launch kept on ``state`` for the weight B against (by
     default): equal tuples mean the launch still serves B and ``state``."""
-    return _sources(B, _quant_state_tensors(state))
+    return launch_sources(B, _quant_state_tensors(state))
 
 
 def kept_launch(holder, key: Hashable, B: torch.Tensor, build: Callable[[], Optional[KeptLaunch]],
@@ -83,7 +83,7 @@ def kept_launch(holder, key: Hashable, B: torch.Tensor, build: Callable[[], Opti
     launches = holder.__dict__.setdefault("_kept_launches", {})
     if tensors is None:
         tensors = _quant_state_tensors(holder)
-    sources = _sources(B, tensors)
+    sources = launch_sources(B, tensors)
     entry = launches.get(key)
     if entry is None or entry[0] != sources:
         entry = (sources, build(), [B, *tensors])
