@@ -30,12 +30,21 @@ BLOCKSIZE = 64
 
 
 def candidates(rows: int) -> list[tuple]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, use_dot, permute_a[, programs_per_sm]) configurations
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, use_dot, permute_a[, programs_per_sm[, prefetch[,
+    rows_in_thread]]]) configurations
     worth timing for ``rows``."""
     out = []
     if rows <= 2:  # the CUDA-core kernel, one program per row of A; stages > 1: more tiles in flight
         for bn, bk, w, stages in itertools.product((4, 8), (2048, 4096), (4, 8), (1, 2, 3)):
             out.append((1, bn, bk, w, stages, False, True))
+        for bn, bk, w in itertools.product((4, 8), (1024, 2048), (4, 8)):  # A read as stored: no permute launch
+            out.append((1, bn, bk, w, 1, False, False))
+        for bn, bk in itertools.product((4, 8), (1024, 2048)):  # two tiles in flight
+            out.append((1, bn, bk, 4, 1, False, True, 1, 2))
+    # W's rows in each thread (_gemv_4bit_rows_kernel), A permuted in float32
+    for bm in sorted({1, 2, 4} & set(range(1, rows + 1))) if rows <= 16 else ():
+        for bn, bk, w in itertools.product((2, 4), (1024, 2048, 4096), (2, 4, 8)):
+            out.append((bm, bn, bk, w, 1, False, True, 1, 1, True))
     if 2 <= rows <= 8:  # CUDA cores, several rows per program sharing each decoded code
         for bm in sorted({2, min(rows, 4)}):
             for bn, bk, w in itertools.product((2, 4, 8), (1024, 2048), (4, 8)):
@@ -46,6 +55,8 @@ def candidates(rows: int) -> list[tuple]:
     # tensor cores in k order, one dot per tile of one absmax block (BLOCK_K is capped at the blocksize)
     for bn, w, pps in itertools.product((64, 128, 256), (4, 8), (2, 4)):
         out.append((16, bn, 64, w, 3, True, False, pps))
+    for bn, w in itertools.product((64, 128), (4, 8)):  # two tiles in flight by hand, no pipeliner stages
+        out.append((16, bn, 64, w, 1, True, False, 4, 2))
     return out
 
 

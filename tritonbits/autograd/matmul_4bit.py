@@ -94,12 +94,24 @@ def _kept_launch_module(op: str, tensor: Tensor, quant_state: QuantState):
     return registry.triton_module(op, tensor)
 
 
-def _prepared_gemv(A: Tensor, B: Tensor, quant_state: QuantState):
-    """The fused gemv launch kept on ``quant_state`` for A's rows and dtype, or None."""
+def _kernel_bias(bias: Optional[Tensor], A: Tensor, quant_state: QuantState) -> bool:
+    """Whether the gemv kernel adds ``bias`` itself: an [N] tensor of A's dtype on A's device
+    (anything else is added after the kernel, with broadcasting)."""
+    return (
+        type(bias) is Tensor
+        and bias.shape == (quant_state.shape[0],)
+        and bias.dtype == A.dtype
+        and bias.device == A.device
+    )
+
+
+def _prepared_gemv(A: Tensor, B: Tensor, quant_state: QuantState, has_bias: bool):
+    """The fused gemv launch kept on ``quant_state`` for A's rows and dtype (adding the bias
+    where ``has_bias``), or None."""
     if type(A) is not Tensor:
         return None
     module = _kept_launch_module("gemv_4bit", A, quant_state)
-    return None if module is None else module.state_gemv_launch(A, B, quant_state)
+    return None if module is None else module.state_gemv_launch(A, B, quant_state, has_bias)
 
 
 def _keep_plan(A: Tensor, B: Tensor, bias: Optional[Tensor], quant_state: QuantState, launch) -> None:
@@ -141,6 +153,8 @@ def planned_matmul_4bit(A: Tensor, B: Tensor, quant_state: QuantState, bias: Opt
         return None
     if sources_of(B, quant_state) != sources:
         return None
+    if launch.constexprs["HAS_BIAS"]:
+        return launch.launch(A, bias)
     result = launch.launch(A)
     return result + bias if bias is not None else result
 
@@ -205,14 +219,15 @@ def matmul_4bit(
 
     if A.numel() <= GEMV_MAX_ROWS * K:
         # Decoding and small batches: the fused dequantize-and-multiply op (W never written out).
-        launch = _prepared_gemv(A, B, quant_state)
+        kernel_bias = _kernel_bias(bias, A, quant_state)
+        launch = _prepared_gemv(A, B, quant_state, kernel_bias)
         if launch is not None:
-            result = launch.launch(A)
+            result = launch.launch(A, bias) if kernel_bias else launch.launch(A)
             if out is None:
                 _keep_plan(A, B, bias, quant_state, launch)
         else:
             result = F.gemv_4bit(A, B.reshape(-1), state=quant_state)
-        if bias is not None:
+        if bias is not None and not (launch is not None and kernel_bias):
             result = result + bias
     else:
         result = _dequantize_and_multiply(A, B, quant_state, bias)

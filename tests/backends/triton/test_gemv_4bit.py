@@ -56,8 +56,16 @@ def test_split_k_and_batch_dims(device, launcher, reference, rng, monkeypatch, r
         (2, 8, 512, 4, 1, False, True),
         (16, 32, 256, 4, 1, True, True),
         (16, 32, 64, 4, 3, True, False, 2),
+        (1, 8, 256, 4, 1, False, True, 1, 2),
+        (16, 32, 64, 4, 1, True, False, 1, 2),
+        (1, 4, 256, 4, 1, False, True, 1, 1, True),
+        (1, 2, 512, 2, 1, False, True, 1, 1, True),
+        (4, 4, 256, 4, 1, False, True, 1, 1, True),
+        (2, 2, 256, 4, 1, False, True, 1, 1, True),
     ],
-    ids=lambda c: f"m{c[0]}-n{c[1]}-k{c[2]}-{'dot' if c[5] else 'fma'}{'-perm' if c[6] else ''}",
+    ids=lambda c: f"m{c[0]}-n{c[1]}-k{c[2]}-{'dot' if c[5] else 'fma'}{'-perm' if c[6] else ''}"
+    + (f"-ahead{c[8]}" if len(c) > 8 else "")
+    + ("-rows-in-thread" if len(c) > 9 and c[9] else ""),
 )
 @pytest.mark.parametrize("rows", [1, 3, 6])
 @pytest.mark.parametrize("nested", [False, True], ids=["flat", "nested"])
@@ -67,7 +75,7 @@ def test_every_kernel_variant(device, launcher, rng, config, rows, nested):
     from tritonbits._ops import REFERENCES
     from tritonbits.backends.triton.gemv_4bit import GemvLaunch, _as_words
 
-    N, K = 24, 1024
+    N, K = 26, 1024  # N: a partial last block of rows for every BLOCK_N
     packed, state = F.quantize_4bit(torch.randn(N, K, generator=rng).to(device), compress_statistics=nested)
     a = torch.randn(rows, K, generator=rng).to(device=device, dtype=torch.float16)
     if nested:
@@ -94,6 +102,41 @@ def test_every_kernel_variant(device, launcher, rng, config, rows, nested):
     out = launch.launch(a)
     scale = expected.float().abs().max().item()
     assert (out.float() - expected.float()).abs().max().item() <= 2 * torch.finfo(a.dtype).eps * scale
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        (1, 4, 256, 4, 1, False, True, 8),
+        (1, 4, 256, 4, 1, False, False),
+        (4, 8, 256, 4, 1, False, False, 8),
+        (16, 32, 64, 4, 3, True, False, 8),
+        (16, 32, 256, 4, 1, True, True),
+        (1, 4, 256, 4, 1, False, True, 8, 1, True),
+        (4, 2, 256, 4, 1, False, True, 8, 1, True),
+    ],
+    ids=lambda c: f"m{c[0]}-n{c[1]}-k{c[2]}-{'dot' if c[5] else 'fma'}{'-perm' if c[6] else ''}",
+)
+def test_bias_added_in_kernel(device, rng, config):
+    """A launch built with a bias adds it to the float32 sums before rounding (once, also when K
+    is split across programs): within the dtype's rounding of dequantize-then-linear with bias."""
+    from tritonbits._ops import REFERENCES
+    from tritonbits.backends.triton.gemv_4bit import GemvLaunch, _as_words
+
+    N, K, rows = 24, 4096, 3
+    packed, state = F.quantize_4bit(torch.randn(N, K, generator=rng).to(device), compress_statistics=False)
+    a = torch.randn(rows, K, generator=rng).to(device=device, dtype=torch.bfloat16)
+    bias = torch.randn(N, generator=rng).to(device=device, dtype=torch.bfloat16)
+    launch = GemvLaunch(rows, N, K, a.dtype, a.device, _as_words(packed), state.absmax, None, state.code, 64,
+                        config, has_bias=True)  # fmt: skip
+    if len(config) > 7:
+        assert launch.split_k > 1
+    out = launch.launch(a, bias)
+    expected = REFERENCES["gemv_4bit"](a, packed, [N, K], state.absmax, state.code, 64).float() + bias.float()
+    scale = expected.abs().max().item()
+    assert (out.float() - expected).abs().max().item() <= 2 * torch.finfo(a.dtype).eps * scale
+    with pytest.raises(ValueError, match="with a bias"):
+        launch.launch(a)
 
 
 @pytest.mark.parametrize("rows", [1, 2, 4, 7, 16])

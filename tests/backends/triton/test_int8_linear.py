@@ -264,12 +264,14 @@ def test_linear8bitlt_eager_plan_serves_repeated_calls_and_follows_changes(devic
 
 @pytest.mark.parametrize("K, N", [(4096, 4096), (8192, 28672)])
 @pytest.mark.parametrize("threshold", [0.0, 6.0])
-def test_decode_sizes_compile_and_match(device, launcher, reference, rng, K, N, threshold):
-    """The tile choices at real sizes (shared memory is checked only when a GPU compiles them)."""
+@pytest.mark.parametrize("rows", [1, 16])
+def test_decode_sizes_compile_and_match(device, launcher, reference, rng, K, N, threshold, rows):
+    """The tile choices at real sizes (shared memory is checked only when a GPU compiles them);
+    one row takes the one-program quantize kernel, 16 rows the K-tile kernels."""
     if device != "cuda":
         pytest.skip("real sizes only on a GPU (the interpreter does not check shared memory)")
     CB, SCB = _weight(rng, N, K, device)
-    A = _activations(rng, (16, K), torch.float16, device, outlier_every=97 if threshold else 0) * 2
+    A = _activations(rng, (rows, K), torch.float16, device, outlier_every=97 if threshold else 0) * 2
     out, flags = launcher("int8_mixed_linear")(A, CB, SCB, None, threshold)
     expected, expected_flags = reference("int8_mixed_linear")(A.cpu(), CB.cpu(), SCB.cpu(), None, threshold)
     if threshold:

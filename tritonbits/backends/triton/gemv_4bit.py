@@ -13,13 +13,15 @@ decoded; K is split across SPLIT_K programs (partial sums meeting through float3
 when N alone gives too few programs. With A permuted to [rows, 8, K / 8], code j of a word
 (k = 8 w + j) meets a contiguous run of A, so the codes are never interleaved back into k
 order; otherwise a tile's codes are decoded at once in k order. Code values come from a
-register gather on the 16-entry table (staged in shared memory by Triton). Two variants:
+register gather on the 16-entry table (staged in shared memory by Triton). Three variants:
 
 - CUDA cores (``USE_DOT=False``, 1, 2 or 4 rows of A per program, each decoded code serving
   all of them): one fused multiply-add per code and row with the float32 code value; each
   word's partial sum is multiplied by its absmax once. W is
   not rounded to the compute dtype: the result is at least as accurate as dequantize-then-
-  matmul, and within the compute dtype's rounding of it.
+  matmul, and within the compute dtype's rounding of it. In ``_gemv_4bit_kernel`` W's rows are
+  spread over threads; in ``_gemv_4bit_rows_kernel`` (the one-row entry) every thread holds the
+  same words of 2 or 4 rows of W, so that each value of A it loads serves that many codes.
 - Tensor cores (``USE_DOT=True``, up to 16 rows, fp16/bf16), "swap AB" (W's rows fill the
   MMA's M). In k order (``PERMUTED_A=False``, the default entry): a tile is one absmax block
   wide, its codes are decoded at once to the table's values in the compute dtype, multiplied
@@ -46,24 +48,28 @@ from .kept_launch import KeptLaunch, kept_launch
 from .quant_4bit import decode_4bit, nested_absmax_args, nested_args
 
 # Launch configurations by row count: the first entry whose row limit covers the rows is used.
-# (max rows, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, use_dot, permute_a,
-# programs_per_sm). BLOCK_M rows of A per program (CUDA cores: 1, 2 or 4 rows sharing each
-# decoded code). permute_a: A is copied to [rows, 8, K / 8] first (float32 for the CUDA-core
-# kernel), so that code j of a tile's words meets a contiguous run of A; otherwise A is read as
-# stored and a tile is decoded in k order (tensor cores: BLOCK_K is capped at the blocksize, so
-# that each row of the tile has one absmax, applied to the dot's result). programs_per_sm: K is
-# split until the grid has that many programs per multiprocessor. More rows than the last entry
-# (or float32 inputs past the CUDA-core entries) decode W and use cuBLAS. Picked by
-# tests/gpu/tune_gemv_4bit.py (NF4, blocksize 64, bf16, kernel times through CUDA graphs); on an
-# H200 (2026-12-03, benchmarks/results/20261203-h200-session5/) against bf16 F.linear: one row
-# 1.38x at 8192x28672 (90.7 us, 34% of the harness's copy bandwidth), 0.94x at 4096x4096 (11.2 us);
-# 16 rows in k order on tensor cores 0.95x at 8192x28672 (130 us; bitsandbytes 372 us; 0.85x
-# in the harness's CUDA-graph table, where bf16 took 110 us rather than 124 us) and
-# 0.67x at 4096x4096 (14.6 us), where bf16's weight is read from L2. The k-order tensor-core
-# entry replaced one dot per code column of A permuted, which ran 0.41x bf16 at 5-16 rows on
-# an H100 (2026-11-24).
-CONFIGS: list[tuple[int, int, int, int, int, int, bool, bool, int]] = [
-    (1, 1, 4, 2048, 4, 1, False, True, 1),
+# (max rows, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, use_dot, permute_a[,
+# programs_per_sm[, prefetch[, rows_in_thread]]]). BLOCK_M rows of A per program (CUDA cores: 1,
+# 2 or 4 rows sharing each decoded code). permute_a: A is copied to [rows, 8, K / 8] first
+# (float32 for the CUDA-core kernels), so that code j of a tile's words meets a contiguous run of
+# A; otherwise A is read as stored and a tile is decoded in k order (tensor cores: BLOCK_K is
+# capped at the blocksize, so that each row of the tile has one absmax, applied to the dot's
+# result). programs_per_sm: K is split until the grid has that many programs per
+# multiprocessor. prefetch: tiles of W in flight per program (1 or 2). rows_in_thread: every
+# thread holds the same run of K for BLOCK_N rows of W (``_gemv_4bit_rows_kernel``). More rows
+# than the last entry (or float32 inputs past the CUDA-core entries) decode W and use cuBLAS.
+# Picked by tests/gpu/tune_gemv_4bit.py (NF4, blocksize 64, float32 absmax, bf16, kernel times
+# through CUDA graphs, A's permute included); on an H200 (2026-12-03,
+# benchmarks/results/20261203-h200-session9/) against bf16 F.linear: one row with W's rows in
+# each thread 1.73x at 8192x28672 (70.0 us; W's rows over threads: 91.0 us, where Nsight Compute
+# found L1 84% busy with the rows' reloads of A) and 1.04x at 4096x4096 (9.9 us); 16 rows in
+# k order on tensor cores 0.93x at 8192x28672 (130.8 us; bitsandbytes 371 us) and 0.67x at
+# 4096x4096 (14.8 us), where bf16's weight is read from L2. Two tiles in flight did not help
+# (94.2 against 91.0 us), nor did 4 rows of A with W's rows in each thread (135.5 us, against
+# 126.7 us on tensor cores). The k-order tensor-core entry replaced one dot per code column of
+# A permuted, which ran 0.41x bf16 at 5-16 rows on an H100 (2026-11-24).
+CONFIGS: list[tuple] = [
+    (1, 1, 4, 1024, 2, 1, False, True, 1, 1, True),
     (16, 16, 64, 64, 4, 3, True, False, 4),
     (4, 4, 4, 2048, 4, 1, False, True, 1),  # float32 A (no tensor-core entry takes it)
 ]
@@ -78,6 +84,7 @@ def _gemv_4bit_kernel(
     absmax_scale_ptr,
     offset_ptr,
     code_ptr,
+    bias_ptr,
     out_ptr,
     M,
     N,
@@ -96,6 +103,8 @@ def _gemv_4bit_kernel(
     USE_DOT: tl.constexpr,
     PERMUTED_A: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     # W is read as 32-bit words, 8 codes each (k = 8 w + j, little-endian bytes, high nibble
@@ -139,31 +148,30 @@ def _gemv_4bit_kernel(
     # current tile is decoded, so that a program always has a tile in flight (the loop is
     # otherwise latency bound: a tile's decode waits on its own loads).
     w_rows = w_ptr + row_words[:, None]
-    words_next = tl.load(w_rows + (k_begin // 8 + offs_w)[None, :], mask=mask_n[:, None], other=0)
-    if ROW_SCALE:  # a tile lies in one block per row of W: one absmax per row
-        absmax_next = tl.load(absmax_ptr + row_blocks + k_begin // BLOCKSIZE, mask=mask_n, other=0)
-    else:
-        absmax_next = tl.load(
-            absmax_ptr + row_blocks[:, None] + ((k_begin + 8 * offs_w) // BLOCKSIZE)[None, :],
-            mask=mask_n[:, None],
-            other=0,
-        )
+    words_next, absmax_next = _tile_loads(w_rows, absmax_ptr, row_blocks, k_begin, offs_w, offs_n, N,
+                                          BLOCKSIZE, ROW_SCALE)  # fmt: skip
+    if PREFETCH == 2:  # two tiles in flight: the second one's rows are masked off when there is none
+        words_next2, absmax_next2 = _tile_loads(w_rows, absmax_ptr, row_blocks, k_begin + BLOCK_K, offs_w, offs_n,
+                                                tl.where(tiles > 1, N, 0), BLOCKSIZE, ROW_SCALE)  # fmt: skip
     for tile in tl.range(0, tiles, num_stages=NUM_STAGES):
         k0 = k_begin + tile * BLOCK_K
         word_k = k0 + 8 * offs_w  # first k of each word [WORDS]
         words = words_next
         absmax = absmax_next
-        more = offs_n[:, None] < tl.where(tile + 1 < tiles, N, 0)  # rows to prefetch: none after the last tile
-        words_next = tl.load(w_rows + ((k0 + BLOCK_K) // 8 + offs_w)[None, :], mask=more, other=0)
+        # the tile PREFETCH ahead; no rows after the last tile
+        rows_ahead = tl.where(tile + PREFETCH < tiles, N, 0)
+        if PREFETCH == 2:
+            words_next = words_next2
+            absmax_next = absmax_next2
+            words_next2, absmax_next2 = _tile_loads(w_rows, absmax_ptr, row_blocks, k0 + 2 * BLOCK_K, offs_w, offs_n,
+                                                    rows_ahead, BLOCKSIZE, ROW_SCALE)  # fmt: skip
+        else:
+            words_next, absmax_next = _tile_loads(w_rows, absmax_ptr, row_blocks, k0 + BLOCK_K, offs_w, offs_n,
+                                                  rows_ahead, BLOCKSIZE, ROW_SCALE)  # fmt: skip
         if ROW_SCALE:
-            more_n = offs_n < tl.where(tile + 1 < tiles, N, 0)
-            absmax_next = tl.load(absmax_ptr + row_blocks + (k0 + BLOCK_K) // BLOCKSIZE, mask=more_n, other=0)
             block_index = row_blocks + k0 // BLOCKSIZE  # [BLOCK_N]
             scale_mask = mask_n
         else:
-            absmax_next = tl.load(
-                absmax_ptr + row_blocks[:, None] + ((word_k + BLOCK_K) // BLOCKSIZE)[None, :], mask=more, other=0
-            )
             block_index = row_blocks[:, None] + (word_k // BLOCKSIZE)[None, :]  # [BLOCK_N, WORDS]
             scale_mask = mask_n[:, None]
         if NESTED:
@@ -239,17 +247,214 @@ def _gemv_4bit_kernel(
                 acc2 += part2 * scale
                 acc3 += part3 * scale
 
+    if HAS_BIAS:  # added once: by the first split of K
+        bias = tl.load(bias_ptr + offs_n, mask=offs_n < tl.where(pid_k == 0, N, 0), other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
     if USE_DOT:
         out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-        _write(out_ptrs, tl.trans(acc), mask_m[:, None] & mask_n[None, :], SPLIT_K)
+        _write(out_ptrs, tl.trans(acc) + bias[None, :], mask_m[:, None] & mask_n[None, :], SPLIT_K)
     else:
         out_row = out_ptr + row0.to(tl.int64) * stride_om + offs_n
-        _write(out_row, tl.sum(acc0, axis=1), mask_n, SPLIT_K)
+        _write(out_row, tl.sum(acc0, axis=1) + bias, mask_n, SPLIT_K)
         if BLOCK_M > 1:
-            _write(out_row + stride_om, tl.sum(acc1, axis=1), mask_n & (left_n > 1), SPLIT_K)
+            _write(out_row + stride_om, tl.sum(acc1, axis=1) + bias, mask_n & (left_n > 1), SPLIT_K)
         if BLOCK_M > 2:
-            _write(out_row + 2 * stride_om, tl.sum(acc2, axis=1), mask_n & (left_n > 2), SPLIT_K)
-            _write(out_row + 3 * stride_om, tl.sum(acc3, axis=1), mask_n & (left_n > 3), SPLIT_K)
+            _write(out_row + 2 * stride_om, tl.sum(acc2, axis=1) + bias, mask_n & (left_n > 2), SPLIT_K)
+            _write(out_row + 3 * stride_om, tl.sum(acc3, axis=1) + bias, mask_n & (left_n > 3), SPLIT_K)
+
+
+@triton.jit
+def _gemv_4bit_rows_kernel(
+    a_ptr,
+    w_ptr,
+    absmax_ptr,
+    absmax_code_ptr,
+    absmax_scale_ptr,
+    offset_ptr,
+    code_ptr,
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    row_stride_words,
+    row_stride_blocks,
+    stride_am,
+    stride_om,
+    BLOCKSIZE: tl.constexpr,
+    NESTED: tl.constexpr,
+    ABSMAX_BLOCKSIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    PERMUTED_A: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    # BLOCK_M = 1, 2 or 4 rows of A (permuted to [rows, 8, K / 8] in float32) and BLOCK_N = 2 or 4
+    # rows of W in every thread: the rows are separate 1-D tensors of words or of A's runs (one
+    # layout for all of them), joined in-thread, so that each decoded code serves BLOCK_M rows of
+    # A and each value of A a thread loads serves BLOCK_N codes, with one table gather per tile.
+    # With W's rows spread over threads (``_gemv_4bit_kernel``) every row reloads A through L1,
+    # which with the table lookups kept L1 ~84% busy at ~34% of the copy bandwidth (Nsight
+    # Compute, H200, 8192x28672, one row). Parameters as ``_gemv_4bit_kernel``'s.
+    WORDS: tl.constexpr = BLOCK_K // 8
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    row0 = tl.program_id(2) * BLOCK_M
+    n0 = pid_n * BLOCK_N
+    offs_w = tl.arange(0, WORDS)
+    tiles = K // (SPLIT_K * BLOCK_K)  # per split; the launcher makes this exact
+    k_begin = pid_k * tiles * BLOCK_K
+    table = tl.load(code_ptr + tl.arange(0, 16))
+    rows_left = tl.zeros((WORDS,), dtype=tl.int32) + (N - n0)  # rows of W from n0 on (a tensor, for masks)
+    a_rows_left = tl.zeros((WORDS,), dtype=tl.int32) + (M - row0)  # rows of A from row0 on
+    a_row = a_ptr + row0.to(tl.int64) * stride_am
+    w0 = w_ptr + n0.to(tl.int64) * row_stride_words
+    s0 = n0.to(tl.int64) * row_stride_blocks
+    # per row of W: [WORDS, BLOCK_M] (one row of A: [WORDS], 1-D tensors need no layout conversions)
+    acc0 = _zeros(WORDS, BLOCK_M)
+    acc1 = _zeros(WORDS, BLOCK_M)
+    acc2 = _zeros(WORDS, BLOCK_M)
+    acc3 = _zeros(WORDS, BLOCK_M)
+    words_next = _joined_rows(w0 + offs_w, row_stride_words, k_begin // 8, rows_left, 0, BLOCK_N)
+    for tile in tl.range(0, tiles, num_stages=NUM_STAGES):
+        k0 = k_begin + tile * BLOCK_K
+        words = words_next
+        ahead = tl.where(tile + 1 < tiles, rows_left, 0)  # nothing to prefetch after the last tile
+        words_next = _joined_rows(w0 + offs_w, row_stride_words, (k0 + BLOCK_K) // 8, ahead, 0, BLOCK_N)
+        columns = _columns(_decode_words(words, table, WORDS, BLOCK_N))  # 8 x [WORDS, BLOCK_N]
+        part0 = _zeros(WORDS, BLOCK_M)
+        part1 = _zeros(WORDS, BLOCK_M)
+        part2 = _zeros(WORDS, BLOCK_M)
+        part3 = _zeros(WORDS, BLOCK_M)
+        for j in tl.static_range(8):
+            # code j of each word meets the run j * K / 8 + w of each row of A
+            a_j = _joined_rows(a_row + offs_w, stride_am, j * row_stride_words + k0 // 8, a_rows_left, 0.0, BLOCK_M)
+            if BLOCK_N == 2:
+                v0, v1 = tl.split(columns[j])
+                part0 += _times(v0, a_j, BLOCK_M)
+                part1 += _times(v1, a_j, BLOCK_M)
+            else:
+                even, odd = tl.split(tl.reshape(columns[j], [WORDS, 2, 2]))  # row 2 p + q at [w, p, q]
+                v0, v2 = tl.split(even)
+                v1, v3 = tl.split(odd)
+                part0 += _times(v0, a_j, BLOCK_M)
+                part1 += _times(v1, a_j, BLOCK_M)
+                part2 += _times(v2, a_j, BLOCK_M)
+                part3 += _times(v3, a_j, BLOCK_M)
+        word_blocks = (k0 + 8 * offs_w) // BLOCKSIZE
+        acc0 += _times(part0, _row_scale(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, offset_ptr, s0, word_blocks,
+                                         rows_left > 0, NESTED, ABSMAX_BLOCKSIZE), BLOCK_M)  # fmt: skip
+        s1 = s0 + row_stride_blocks
+        acc1 += _times(part1, _row_scale(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, offset_ptr, s1, word_blocks,
+                                         rows_left > 1, NESTED, ABSMAX_BLOCKSIZE), BLOCK_M)  # fmt: skip
+        if BLOCK_N == 4:
+            s2 = s0 + 2 * row_stride_blocks
+            s3 = s0 + 3 * row_stride_blocks
+            acc2 += _times(part2, _row_scale(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, offset_ptr, s2,
+                                             word_blocks, rows_left > 2, NESTED, ABSMAX_BLOCKSIZE), BLOCK_M)  # fmt: skip
+            acc3 += _times(part3, _row_scale(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, offset_ptr, s3,
+                                             word_blocks, rows_left > 3, NESTED, ABSMAX_BLOCKSIZE), BLOCK_M)  # fmt: skip
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    out_rows = out_ptr + offs_m.to(tl.int64) * stride_om + n0
+    mask_m = offs_m < M
+    _write_row(out_rows, bias_ptr + n0, tl.sum(acc0, axis=0), mask_m, pid_k, N - n0, 0, HAS_BIAS, SPLIT_K)
+    _write_row(out_rows, bias_ptr + n0, tl.sum(acc1, axis=0), mask_m, pid_k, N - n0, 1, HAS_BIAS, SPLIT_K)
+    if BLOCK_N == 4:
+        _write_row(out_rows, bias_ptr + n0, tl.sum(acc2, axis=0), mask_m, pid_k, N - n0, 2, HAS_BIAS, SPLIT_K)
+        _write_row(out_rows, bias_ptr + n0, tl.sum(acc3, axis=0), mask_m, pid_k, N - n0, 3, HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
+def _write_row(ptrs, bias_ptr, sums, mask_m, pid_k, n_left, R: tl.constexpr, HAS_BIAS: tl.constexpr,
+               SPLIT_K: tl.constexpr):  # fmt: skip
+    """Output column n0 + R (row R of the program's rows of W, ``n_left`` = N - n0) for BLOCK_M
+    rows of A: ``sums`` [BLOCK_M] plus the bias (added by the first split of K only)."""
+    zero = tl.zeros_like(mask_m.to(tl.int32))  # scalars as tensors: the interpreter's masks must be tensors
+    mask = mask_m & (zero + n_left > R)
+    if HAS_BIAS:
+        sums += tl.load(bias_ptr + R + zero, mask=mask & (zero + pid_k == 0), other=0.0).to(tl.float32)
+    _write(ptrs + R, sums, mask, SPLIT_K)
+
+
+@triton.jit
+def _zeros(WORDS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """float32 zeros [WORDS] (one row of A) or [WORDS, BLOCK_M]."""
+    if BLOCK_M == 1:
+        zeros = tl.zeros((WORDS,), dtype=tl.float32)
+    else:
+        zeros = tl.zeros((WORDS, BLOCK_M), dtype=tl.float32)
+    return zeros
+
+
+@triton.jit
+def _times(x, per_word, BLOCK_M: tl.constexpr):
+    """[WORDS] or [WORDS, BLOCK_M] ``x`` times [WORDS] ``per_word`` (or [WORDS] ``x`` times
+    [WORDS, BLOCK_M] ``per_word``), broadcast over A's rows."""
+    if BLOCK_M == 1 or len(x.shape) == len(per_word.shape):
+        product = x * per_word
+    elif len(x.shape) == 1:
+        product = x[:, None] * per_word
+    else:
+        product = x * per_word[:, None]
+    return product
+
+
+@triton.jit
+def _joined_rows(first, row_stride, offset, rows, other, ROWS: tl.constexpr):
+    """``first[offset + r * row_stride]`` for r < ROWS ([WORDS] pointers ``first``; ``other``
+    for r at or past ``rows``, a [WORDS] tensor of the rows left), joined in-thread:
+    [WORDS, ROWS], row r at [:, r] ([WORDS] for one row)."""
+    r0 = tl.load(first + offset, mask=rows > 0, other=other)
+    if ROWS == 1:
+        joined = r0  # [WORDS]
+    else:
+        r1 = tl.load(first + offset + row_stride, mask=rows > 1, other=other)
+        if ROWS == 2:
+            joined = tl.join(r0, r1)
+        else:
+            r2 = tl.load(first + offset + 2 * row_stride, mask=rows > 2, other=other)
+            r3 = tl.load(first + offset + 3 * row_stride, mask=rows > 3, other=other)
+            # [w, p, q] holds row 2 p + q (a join appends its dimension last): [w, r] holds row r
+            joined = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [r0.shape[0], 4])
+    return joined
+
+
+@triton.jit
+def _row_scale(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, offset_ptr, row_blocks, word_blocks, mask,
+               NESTED: tl.constexpr, ABSMAX_BLOCKSIZE: tl.constexpr):  # fmt: skip
+    """Each word's absmax [WORDS] on one row of W (its blocks from ``row_blocks`` on), 0 where
+    ``mask`` is false; nested: decoded from its 8-bit code."""
+    block = row_blocks + word_blocks
+    absmax = tl.load(absmax_ptr + block, mask=mask, other=0)
+    if NESTED:
+        outer = tl.load(absmax_scale_ptr + block // ABSMAX_BLOCKSIZE, mask=mask, other=0.0)
+        scale = tl.load(absmax_code_ptr + absmax.to(tl.int32)) * outer + tl.load(offset_ptr)
+    else:
+        scale = absmax
+    return scale
+
+
+@triton.jit
+def _tile_loads(w_rows, absmax_ptr, row_blocks, k, offs_w, offs_n, rows, BLOCKSIZE: tl.constexpr,
+                ROW_SCALE: tl.constexpr):  # fmt: skip
+    """The words [BLOCK_N, WORDS] of the tile from k on and their absmax ([BLOCK_N] with
+    ROW_SCALE: the tile is in one block per row; else per word), for the rows of W below ``rows``
+    (0 elsewhere)."""
+    mask = offs_n[:, None] < rows
+    words = tl.load(w_rows + (k // 8 + offs_w)[None, :], mask=mask, other=0)
+    if ROW_SCALE:
+        absmax = tl.load(absmax_ptr + row_blocks + k // BLOCKSIZE, mask=offs_n < rows, other=0)
+    else:
+        word_blocks = (k + 8 * offs_w) // BLOCKSIZE
+        absmax = tl.load(absmax_ptr + row_blocks[:, None] + word_blocks[None, :], mask=mask, other=0)
+    return words, absmax
 
 
 @triton.jit
@@ -347,9 +552,19 @@ class GemvLaunch(KeptLaunch):
     """
 
     def __init__(self, rows: int, N: int, K: int, dtype: torch.dtype, device: torch.device, words, absmax,
-                 nested_args, code, blocksize: int, config) -> None:  # fmt: skip
+                 nested_args, code, blocksize: int, config, has_bias: bool = False) -> None:  # fmt: skip
         block_m, block_n, block_k, warps, stages, use_dot, permute_a, *rest = config
         programs_per_sm = rest[0] if rest else 1
+        prefetch = rest[1] if len(rest) > 1 else 1
+        rows_in_thread = bool(rest[2]) if len(rest) > 2 else False
+        if prefetch not in (1, 2):
+            raise ValueError(f"the gemv kernel keeps 1 or 2 tiles in flight, got prefetch={prefetch}")
+        if rows_in_thread and (use_dot or not permute_a or block_m not in (1, 2, 4) or block_n not in (2, 4)
+                               or prefetch != 1):  # fmt: skip
+            raise ValueError(
+                "W's rows in each thread: CUDA cores, A permuted, BLOCK_M 1, 2 or 4, BLOCK_N 2 or 4, prefetch 1; "
+                f"got {config}"
+            )
         if not use_dot and block_m not in (1, 2, 4):
             raise ValueError(f"the CUDA-core gemv kernel takes 1, 2 or 4 rows per program, got BLOCK_M={block_m}")
         if use_dot and not permute_a:
@@ -378,11 +593,20 @@ class GemvLaunch(KeptLaunch):
             USE_DOT=use_dot,
             PERMUTED_A=permute_a,
             NUM_STAGES=stages,
+            PREFETCH=prefetch,
+            HAS_BIAS=has_bias,
             INTERPRET=interpreting(),
         )
-        super().__init__(_gemv_4bit_kernel, (n_programs, self.split_k, m_programs), constexprs, warps)
+        kernel = _gemv_4bit_rows_kernel if rows_in_thread else _gemv_4bit_kernel
+        super().__init__(kernel, (n_programs, self.split_k, m_programs), constexprs, warps)
 
-    def launch(self, A: torch.Tensor) -> torch.Tensor:
+    def launch(self, A: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """A [..., K] (``rows`` rows, the launch's dtype and device) -> A @ W.T (+ bias) [..., N].
+
+        ``bias`` ([N], A's dtype) is given exactly when the launch was built with ``has_bias``; it
+        is added to the float32 sums before the one rounding to A's dtype."""
+        if (bias is not None) != self.constexprs["HAS_BIAS"]:
+            raise ValueError(f"this launch was built {'with' if self.constexprs['HAS_BIAS'] else 'without'} a bias")
         a2d = A.reshape(self.rows, self.K)
         if self.constexprs["PERMUTED_A"]:
             # [rows, K / 8, 8] -> [rows, 8, K / 8]: a word's code j meets a contiguous run of A.
@@ -397,19 +621,23 @@ class GemvLaunch(KeptLaunch):
             out = torch.empty(self.rows, self.N, device=self.device, dtype=self.dtype)
         else:
             out = torch.zeros(self.rows, self.N, device=self.device, dtype=torch.float32)
-        args = (a2d, *self.weight_args, out, self.rows, self.N, self.K, self.K // 8,
+        if bias is not None and bias.stride(0) != 1:
+            bias = bias.contiguous()
+        args = (a2d, *self.weight_args, out if bias is None else bias, out, self.rows, self.N, self.K, self.K // 8,
                 self.K // self.constexprs["BLOCKSIZE"], a2d.stride(0), out.stride(0))  # fmt: skip
-        self._run(args, spec=(a2d.data_ptr() % 16 == 0, a2d.stride(0)))
+        spec = (a2d.data_ptr() % 16 == 0, a2d.stride(0), bias is None or bias.data_ptr() % 16 == 0)
+        self._run(args, spec=spec)
         if self.split_k != 1:
             out = out.to(self.dtype)
         return out.reshape(*A.shape[:-1], self.N)
 
 
 def _fused_launch(A: torch.Tensor, B: torch.Tensor, N: int, K: int, absmax: torch.Tensor, nested: Optional[tuple],
-                  code: torch.Tensor, blocksize: int) -> Optional[GemvLaunch]:  # fmt: skip
+                  code: torch.Tensor, blocksize: int, has_bias: bool = False) -> Optional[GemvLaunch]:  # fmt: skip
     """The fused kernel's launch for A's rows and dtype, or None where it does not take the
     shape (empty, K not a multiple of blocksize or of a usable BLOCK_K, too many rows) or the
-    packed codes are not 16-byte aligned. ``nested``: :func:`~.quant_4bit.nested_args` or None."""
+    packed codes are not 16-byte aligned. ``nested``: :func:`~.quant_4bit.nested_args` or None;
+    ``has_bias``: the launch adds a bias (``GemvLaunch.launch(A, bias)``)."""
     rows = A.numel() // K if K else 0
     if N == 0 or rows == 0 or K % blocksize:
         return None
@@ -418,7 +646,7 @@ def _fused_launch(A: torch.Tensor, B: torch.Tensor, N: int, K: int, absmax: torc
     if words is None:
         return None
     absmax = absmax.contiguous() if nested is not None else absmax.float().contiguous()
-    return GemvLaunch(rows, N, K, A.dtype, A.device, words, absmax, nested, code, blocksize, config)
+    return GemvLaunch(rows, N, K, A.dtype, A.device, words, absmax, nested, code, blocksize, config, has_bias)
 
 
 def gemv_4bit(
@@ -464,7 +692,7 @@ def gemv_4bit_nested(
     )
 
 
-def _state_launch(A: torch.Tensor, B: torch.Tensor, state: QuantState) -> Optional[GemvLaunch]:
+def _state_launch(A: torch.Tensor, B: torch.Tensor, state: QuantState, has_bias: bool) -> Optional[GemvLaunch]:
     """A new GemvLaunch for A's rows and dtype on the weight (B, state); None where not fused."""
     if B.device != A.device or state.absmax.device != A.device:
         return None  # functional.gemv_4bit names the misplaced tensor
@@ -472,11 +700,14 @@ def _state_launch(A: torch.Tensor, B: torch.Tensor, state: QuantState) -> Option
         return None
     N, K = int(state.shape[0]), int(state.shape[1])
     code = state.code.to(device=A.device, dtype=torch.float32)
-    return _fused_launch(A, B, N, K, state.absmax, nested_absmax_args(state), code, state.blocksize)
+    return _fused_launch(A, B, N, K, state.absmax, nested_absmax_args(state), code, state.blocksize, has_bias)
 
 
-def state_gemv_launch(A: torch.Tensor, B: torch.Tensor, state: QuantState) -> Optional[GemvLaunch]:
-    """The fused launch for A's row count and dtype on the 4-bit weight (B, state), or None where
-    the kernel does not take it; made on first use and kept on ``state`` (see ``kept_launch``)."""
-    key = ("gemv_4bit", A.numel() // int(state.shape[1]), A.dtype, A.device)
-    return kept_launch(state, key, B, lambda: _state_launch(A, B, state))
+def state_gemv_launch(
+    A: torch.Tensor, B: torch.Tensor, state: QuantState, has_bias: bool = False
+) -> Optional[GemvLaunch]:
+    """The fused launch for A's row count and dtype on the 4-bit weight (B, state), with a bias
+    added in the kernel where ``has_bias``, or None where the kernel does not take it; made on
+    first use and kept on ``state`` (see ``kept_launch``)."""
+    key = ("gemv_4bit", A.numel() // int(state.shape[1]), A.dtype, A.device, has_bias)
+    return kept_launch(state, key, B, lambda: _state_launch(A, B, state, has_bias))
