@@ -45,6 +45,9 @@ def candidates(rows: int) -> list[tuple]:
     for bm in sorted({1, 2, 4} & set(range(1, rows + 1))) if rows <= 16 else ():
         for bn, bk, w in itertools.product((2, 4), (1024, 2048, 4096), (2, 4, 8)):
             out.append((bm, bn, bk, w, 1, False, True, 1, 1, True))
+    if rows == 1:  # the same, A read as stored (32-bit pairs of 16-bit values): no permute launch
+        for bn, bk, w in itertools.product((2, 4), (1024, 2048), (2, 4)):
+            out.append((1, bn, bk, w, 1, False, False, 1, 1, True))
     if 2 <= rows <= 8:  # CUDA cores, several rows per program sharing each decoded code
         for bm in sorted({2, min(rows, 4)}):
             for bn, bk, w in itertools.product((2, 4, 8), (1024, 2048), (4, 8)):

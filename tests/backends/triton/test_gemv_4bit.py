@@ -62,6 +62,7 @@ def test_split_k_and_batch_dims(device, launcher, reference, rng, monkeypatch, r
         (1, 2, 512, 2, 1, False, True, 1, 1, True),
         (4, 4, 256, 4, 1, False, True, 1, 1, True),
         (2, 2, 256, 4, 1, False, True, 1, 1, True),
+        (1, 4, 256, 2, 1, False, False, 1, 1, True),
     ],
     ids=lambda c: f"m{c[0]}-n{c[1]}-k{c[2]}-{'dot' if c[5] else 'fma'}{'-perm' if c[6] else ''}"
     + (f"-ahead{c[8]}" if len(c) > 8 else "")
@@ -102,6 +103,25 @@ def test_every_kernel_variant(device, launcher, rng, config, rows, nested):
     out = launch.launch(a)
     scale = expected.float().abs().max().item()
     assert (out.float() - expected.float()).abs().max().item() <= 2 * torch.finfo(a.dtype).eps * scale
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "odd-offset"])
+def test_rows_kernel_reads_16bit_a_as_stored(device, rng, dtype, offset):
+    """One row of A read as stored in 32-bit pairs (no permute): both 16-bit dtypes, and an A
+    starting at an odd element (copied to an aligned buffer first), against the reference."""
+    from tritonbits._ops import REFERENCES
+    from tritonbits.backends.triton.gemv_4bit import GemvLaunch, _as_words
+
+    N, K = 10, 2048
+    packed, state = F.quantize_4bit(torch.randn(N, K, generator=rng).to(device), compress_statistics=False)
+    a = torch.randn(K + offset, generator=rng).to(device=device, dtype=dtype)[offset:].reshape(1, K)
+    launch = GemvLaunch(1, N, K, dtype, a.device, _as_words(packed), state.absmax, None, state.code, 64,
+                        (1, 4, 512, 2, 1, False, False, 1, 1, True))  # fmt: skip
+    out = launch.launch(a)
+    expected = REFERENCES["gemv_4bit"](a, packed, [N, K], state.absmax, state.code, 64).float()
+    scale = expected.abs().max().item()
+    assert (out.float() - expected).abs().max().item() <= 2 * torch.finfo(dtype).eps * scale
 
 
 @pytest.mark.parametrize(

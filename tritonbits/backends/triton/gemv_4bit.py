@@ -333,9 +333,27 @@ def _gemv_4bit_rows_kernel(
         part1 = _zeros(WORDS, BLOCK_M)
         part2 = _zeros(WORDS, BLOCK_M)
         part3 = _zeros(WORDS, BLOCK_M)
+        if not PERMUTED_A:
+            # A as stored (16-bit, one row): the 8 values of word w are A[k0 + 8 w ...], read as
+            # four 32-bit pairs per word, each pair two code columns
+            pairs = a_row.to(tl.pointer_type(tl.int32), bitcast=True) + (k0 // 2 + 4 * offs_w)
+            pair0 = tl.load(pairs)
+            pair1 = tl.load(pairs + 1)
+            pair2 = tl.load(pairs + 2)
+            pair3 = tl.load(pairs + 3)
         for j in tl.static_range(8):
-            # code j of each word meets the run j * K / 8 + w of each row of A
-            a_j = _joined_rows(a_row + offs_w, stride_am, j * row_stride_words + k0 // 8, a_rows_left, 0.0, BLOCK_M)
+            if PERMUTED_A:
+                # code j of each word meets the run j * K / 8 + w of each row of A
+                a_j = _joined_rows(a_row + offs_w, stride_am, j * row_stride_words + k0 // 8, a_rows_left, 0.0,
+                                   BLOCK_M)  # fmt: skip
+            elif j // 2 == 0:
+                a_j = _half(pair0, j % 2, a_ptr.dtype.element_ty)
+            elif j // 2 == 1:
+                a_j = _half(pair1, j % 2, a_ptr.dtype.element_ty)
+            elif j // 2 == 2:
+                a_j = _half(pair2, j % 2, a_ptr.dtype.element_ty)
+            else:
+                a_j = _half(pair3, j % 2, a_ptr.dtype.element_ty)
             if BLOCK_N == 2:
                 v0, v1 = tl.split(columns[j])
                 part0 += _times(v0, a_j, BLOCK_M)
@@ -369,6 +387,19 @@ def _gemv_4bit_rows_kernel(
     if BLOCK_N == 4:
         _write_row(out_rows, bias_ptr + n0, tl.sum(acc2, axis=0), mask_m, pid_k, N - n0, 2, HAS_BIAS, SPLIT_K)
         _write_row(out_rows, bias_ptr + n0, tl.sum(acc3, axis=0), mask_m, pid_k, N - n0, 3, HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
+def _half(pair, HIGH: tl.constexpr, dtype: tl.constexpr):
+    """The low (HIGH 0) or high 16-bit value of int32 ``pair`` (little-endian: the first of two
+    consecutive bfloat16 or float16 values is the low half) as float32."""
+    if dtype == tl.bfloat16:  # a bfloat16 is the high half of the float32 of the same value
+        bits = pair << 16 if HIGH == 0 else pair & -65536
+        value = bits.to(tl.float32, bitcast=True)
+    else:
+        half = (pair >> 16 if HIGH == 1 else pair).to(tl.int16)
+        value = half.to(tl.float16, bitcast=True).to(tl.float32)
+    return value
 
 
 @triton.jit
@@ -559,11 +590,11 @@ class GemvLaunch(KeptLaunch):
         rows_in_thread = bool(rest[2]) if len(rest) > 2 else False
         if prefetch not in (1, 2):
             raise ValueError(f"the gemv kernel keeps 1 or 2 tiles in flight, got prefetch={prefetch}")
-        if rows_in_thread and (use_dot or not permute_a or block_m not in (1, 2, 4) or block_n not in (2, 4)
-                               or prefetch != 1):  # fmt: skip
+        if rows_in_thread and (use_dot or block_m not in (1, 2, 4) or block_n not in (2, 4) or prefetch != 1
+                               or (not permute_a and (block_m != 1 or dtype == torch.float32))):  # fmt: skip
             raise ValueError(
-                "W's rows in each thread: CUDA cores, A permuted, BLOCK_M 1, 2 or 4, BLOCK_N 2 or 4, prefetch 1; "
-                f"got {config}"
+                "W's rows in each thread: CUDA cores, BLOCK_M 1, 2 or 4, BLOCK_N 2 or 4, prefetch 1, A not permuted "
+                f"only for one row of A of a 16-bit dtype; got {config}"
             )
         if not use_dot and block_m not in (1, 2, 4):
             raise ValueError(f"the CUDA-core gemv kernel takes 1, 2 or 4 rows per program, got BLOCK_M={block_m}")
@@ -581,6 +612,7 @@ class GemvLaunch(KeptLaunch):
         m_programs = triton.cdiv(rows, block_m)
         self.split_k = _split_k(n_programs * m_programs, K, block_k, device, programs_per_sm)
         self.rows, self.N, self.K, self.dtype, self.device = rows, N, K, dtype, device
+        self.pairs_of_a = rows_in_thread and not permute_a  # one row of A, read as 32-bit pairs
         self.weight_args = (words, absmax, absmax_code, absmax_scale, offset, code)
         constexprs = dict(
             BLOCKSIZE=blocksize,
@@ -615,8 +647,8 @@ class GemvLaunch(KeptLaunch):
             permuted = torch.empty(self.rows, 8, self.K // 8, device=self.device, dtype=dtype)
             permuted.copy_(a2d.reshape(self.rows, self.K // 8, 8).transpose(1, 2))
             a2d = permuted.view(self.rows, self.K)
-        elif a2d.stride(1) != 1:
-            a2d = a2d.contiguous()
+        elif a2d.stride(1) != 1 or (self.pairs_of_a and a2d.data_ptr() % 4):
+            a2d = a2d.contiguous() if a2d.stride(1) != 1 else a2d.clone()  # the kernel reads 32-bit pairs
         if self.split_k == 1:
             out = torch.empty(self.rows, self.N, device=self.device, dtype=self.dtype)
         else:
