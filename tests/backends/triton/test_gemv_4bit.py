@@ -337,3 +337,28 @@ def test_linear4bit_eager_plan_serves_repeated_calls_and_follows_changes(device,
     x_grad = x.clone().requires_grad_()
     layer(x_grad).float().sum().backward()  # grad mode: the autograd path, the input gets its gradient
     assert x_grad.grad is not None and len(full_path_calls) == 8
+
+
+@pytest.mark.parametrize("K, N", [(4096, 4096), (8192, 28672)])
+@pytest.mark.parametrize("rows", [1, 16])
+@pytest.mark.parametrize("nested", [False, True], ids=["flat", "nested"])
+def test_decode_sizes_match(device, launcher, reference, rng, K, N, rows, nested):
+    """The default launch configurations at real decode sizes (one row: W's rows in each thread;
+    16 rows: tensor cores) against the reference, flat and nested absmax."""
+    if device != "cuda":
+        pytest.skip("real sizes only on a GPU (the interpreter would take minutes)")
+    w = torch.randn(N, K, generator=rng).to(device=device, dtype=torch.bfloat16) * K**-0.5
+    packed, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=nested)
+    a = torch.randn(rows, K, generator=rng).to(device=device, dtype=torch.bfloat16)
+    if nested:
+        inner = state.state2
+        args = (a, packed, [N, K], state.absmax, inner.code, inner.absmax, state.offset, inner.blocksize, state.code, 64)
+        name = "gemv_4bit_nested"
+    else:
+        args = (a, packed, [N, K], state.absmax, state.code, 64)
+        name = "gemv_4bit"
+    out = launcher(name)(*args)
+    expected = reference(name)(*args).float()
+    scale = expected.abs().max().item()
+    bound = 2 * torch.finfo(torch.bfloat16).eps * scale  # as test_matches_reference
+    assert out.shape == (rows, N) and (out.float() - expected).abs().max().item() <= bound
