@@ -352,7 +352,8 @@ def test_decode_sizes_match(device, launcher, reference, rng, K, N, rows, nested
     a = torch.randn(rows, K, generator=rng).to(device=device, dtype=torch.bfloat16)
     if nested:
         inner = state.state2
-        args = (a, packed, [N, K], state.absmax, inner.code, inner.absmax, state.offset, inner.blocksize, state.code, 64)
+        nested_state = (inner.code, inner.absmax, state.offset, inner.blocksize)
+        args = (a, packed, [N, K], state.absmax, *nested_state, state.code, 64)
         name = "gemv_4bit_nested"
     else:
         args = (a, packed, [N, K], state.absmax, state.code, 64)
