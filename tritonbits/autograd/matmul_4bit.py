@@ -154,6 +154,12 @@ def planned_matmul_4bit(A: Tensor, B: Tensor, quant_state: QuantState, bias: Opt
         return None
     if sources_of(B, quant_state) != sources:
         return None
+    return _launch_with_bias(launch, A, bias)
+
+
+def _launch_with_bias(launch, A: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``launch.launch(A)`` plus ``bias``: added by the kernel where the launch was built for it
+    (:func:`_kernel_bias`), else after it (with broadcasting)."""
     if launch.constexprs["HAS_BIAS"]:
         return launch.launch(A, bias)
     result = launch.launch(A)
@@ -223,13 +229,13 @@ def matmul_4bit(
         kernel_bias = _kernel_bias(bias, A, quant_state)
         launch = _prepared_gemv(A, B, quant_state, kernel_bias)
         if launch is not None:
-            result = launch.launch(A, bias) if kernel_bias else launch.launch(A)
+            result = _launch_with_bias(launch, A, bias)
             if out is None:
                 _keep_plan(A, B, bias, quant_state, launch)
         else:
             result = F.gemv_4bit(A, B.reshape(-1), state=quant_state)
-        if bias is not None and not (launch is not None and kernel_bias):
-            result = result + bias
+            if bias is not None:
+                result = result + bias
     else:
         result = _dequantize_and_multiply(A, B, quant_state, bias)
     return out.copy_(result) if out is not None else result

@@ -106,17 +106,20 @@ def test_every_kernel_variant(device, launcher, rng, config, rows, nested):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "odd-offset"])
-def test_rows_kernel_reads_16bit_a_as_stored(device, rng, dtype, offset):
-    """One row of A read as stored in 32-bit pairs (no permute): both 16-bit dtypes, and an A
-    starting at an odd element (copied to an aligned buffer first), against the reference."""
+@pytest.mark.parametrize("layout", ["aligned", "odd-offset", "odd-row-stride"])
+def test_rows_kernel_reads_16bit_a_as_stored(device, rng, dtype, layout):
+    """Rows of A read as stored in 32-bit pairs (no permute): both 16-bit dtypes, and an A
+    starting at an odd element or with an odd row stride (copied to an aligned buffer first),
+    against the reference."""
     from tritonbits._ops import REFERENCES
     from tritonbits.backends.triton.gemv_4bit import GemvLaunch, _as_words
 
     N, K = 10, 2048
     packed, state = F.quantize_4bit(torch.randn(N, K, generator=rng).to(device), compress_statistics=False)
-    a = torch.randn(K + offset, generator=rng).to(device=device, dtype=dtype)[offset:].reshape(1, K)
-    launch = GemvLaunch(1, N, K, dtype, a.device, _as_words(packed), state.absmax, None, state.code, 64,
+    rows = 2 if layout == "odd-row-stride" else 1
+    stored = torch.randn(rows, K + 1, generator=rng).to(device=device, dtype=dtype)
+    a = stored[:, 1:] if layout == "odd-offset" else stored[:, :K] if rows == 2 else stored[:, :K].contiguous()
+    launch = GemvLaunch(rows, N, K, dtype, a.device, _as_words(packed), state.absmax, None, state.code, 64,
                         (1, 4, 512, 2, 1, False, False, 1, 1, True))  # fmt: skip
     out = launch.launch(a)
     expected = REFERENCES["gemv_4bit"](a, packed, [N, K], state.absmax, state.code, 64).float()

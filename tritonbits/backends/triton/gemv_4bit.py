@@ -174,11 +174,8 @@ def _gemv_4bit_kernel(
         else:
             block_index = row_blocks[:, None] + (word_k // BLOCKSIZE)[None, :]  # [BLOCK_N, WORDS]
             scale_mask = mask_n[:, None]
-        if NESTED:
-            outer = tl.load(absmax_scale_ptr + block_index // ABSMAX_BLOCKSIZE, mask=scale_mask, other=0.0)
-            scale = tl.load(absmax_code_ptr + absmax.to(tl.int32)) * outer + tl.load(offset_ptr)
-        else:
-            scale = absmax
+        scale = _absmax_values(absmax, block_index, scale_mask, absmax_code_ptr, absmax_scale_ptr, offset_ptr,
+                               NESTED, ABSMAX_BLOCKSIZE)  # fmt: skip
         if not PERMUTED_A:
             # The whole tile decoded at once, in k order: [BLOCK_N, WORDS, 8] codes (k = 8 w + j)
             # through one gather (each gather stages the table in shared memory between two
@@ -336,24 +333,15 @@ def _gemv_4bit_rows_kernel(
         if not PERMUTED_A:
             # A as stored (16-bit, one row): the 8 values of word w are A[k0 + 8 w ...], read as
             # four 32-bit pairs per word, each pair two code columns
-            pairs = a_row.to(tl.pointer_type(tl.int32), bitcast=True) + (k0 // 2 + 4 * offs_w)
-            pair0 = tl.load(pairs)
-            pair1 = tl.load(pairs + 1)
-            pair2 = tl.load(pairs + 2)
-            pair3 = tl.load(pairs + 3)
+            first_pairs = a_row.to(tl.pointer_type(tl.int32), bitcast=True) + (k0 // 2 + 4 * offs_w)
+            pairs = (tl.load(first_pairs), tl.load(first_pairs + 1), tl.load(first_pairs + 2), tl.load(first_pairs + 3))
         for j in tl.static_range(8):
             if PERMUTED_A:
                 # code j of each word meets the run j * K / 8 + w of each row of A
                 a_j = _joined_rows(a_row + offs_w, stride_am, j * row_stride_words + k0 // 8, a_rows_left, 0.0,
                                    BLOCK_M)  # fmt: skip
-            elif j // 2 == 0:
-                a_j = _half(pair0, j % 2, a_ptr.dtype.element_ty)
-            elif j // 2 == 1:
-                a_j = _half(pair1, j % 2, a_ptr.dtype.element_ty)
-            elif j // 2 == 2:
-                a_j = _half(pair2, j % 2, a_ptr.dtype.element_ty)
             else:
-                a_j = _half(pair3, j % 2, a_ptr.dtype.element_ty)
+                a_j = _half(pairs[j // 2], j % 2, a_ptr.dtype.element_ty)
             if BLOCK_N == 2:
                 v0, v1 = tl.split(columns[j])
                 part0 += _times(v0, a_j, BLOCK_M)
@@ -464,6 +452,14 @@ def _row_scale(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, offset_ptr, row_bl
     ``mask`` is false; nested: decoded from its 8-bit code."""
     block = row_blocks + word_blocks
     absmax = tl.load(absmax_ptr + block, mask=mask, other=0)
+    return _absmax_values(absmax, block, mask, absmax_code_ptr, absmax_scale_ptr, offset_ptr, NESTED, ABSMAX_BLOCKSIZE)
+
+
+@triton.jit
+def _absmax_values(absmax, block, mask, absmax_code_ptr, absmax_scale_ptr, offset_ptr, NESTED: tl.constexpr,
+                   ABSMAX_BLOCKSIZE: tl.constexpr):  # fmt: skip
+    """The float32 absmax of blocks ``block`` as loaded (``absmax``): itself, or nested, its 8-bit
+    code decoded as ``absmax_code[q] * absmax_scale[block // ABSMAX_BLOCKSIZE] + offset``."""
     if NESTED:
         outer = tl.load(absmax_scale_ptr + block // ABSMAX_BLOCKSIZE, mask=mask, other=0.0)
         scale = tl.load(absmax_code_ptr + absmax.to(tl.int32)) * outer + tl.load(offset_ptr)
@@ -647,8 +643,9 @@ class GemvLaunch(KeptLaunch):
             permuted = torch.empty(self.rows, 8, self.K // 8, device=self.device, dtype=dtype)
             permuted.copy_(a2d.reshape(self.rows, self.K // 8, 8).transpose(1, 2))
             a2d = permuted.view(self.rows, self.K)
-        elif a2d.stride(1) != 1 or (self.pairs_of_a and a2d.data_ptr() % 4):
-            a2d = a2d.contiguous() if a2d.stride(1) != 1 else a2d.clone()  # the kernel reads 32-bit pairs
+        elif a2d.stride(1) != 1 or (self.pairs_of_a and (a2d.data_ptr() % 4 or a2d.stride(0) % 2)):
+            # (A read as 32-bit pairs: every row must start 4-byte aligned; a new buffer is)
+            a2d = a2d.clone(memory_format=torch.contiguous_format)
         if self.split_k == 1:
             out = torch.empty(self.rows, self.N, device=self.device, dtype=self.dtype)
         else:
