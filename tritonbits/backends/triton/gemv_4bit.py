@@ -355,18 +355,17 @@ def _gemv_4bit_rows_kernel(
                 part2 += _times(v2, a_j, BLOCK_M)
                 part3 += _times(v3, a_j, BLOCK_M)
         word_blocks = (k0 + 8 * offs_w) // BLOCKSIZE
-        acc0 += _times(part0, _row_scale(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, offset_ptr, s0, word_blocks,
-                                         rows_left > 0, NESTED, ABSMAX_BLOCKSIZE), BLOCK_M)  # fmt: skip
-        s1 = s0 + row_stride_blocks
-        acc1 += _times(part1, _row_scale(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, offset_ptr, s1, word_blocks,
-                                         rows_left > 1, NESTED, ABSMAX_BLOCKSIZE), BLOCK_M)  # fmt: skip
+        scales = (absmax_ptr, absmax_code_ptr, absmax_scale_ptr, offset_ptr)
+        scale0 = _row_scale(*scales, s0, word_blocks, rows_left > 0, NESTED, ABSMAX_BLOCKSIZE)
+        scale1 = _row_scale(*scales, s0 + row_stride_blocks, word_blocks, rows_left > 1, NESTED, ABSMAX_BLOCKSIZE)
+        acc0 += _times(part0, scale0, BLOCK_M)
+        acc1 += _times(part1, scale1, BLOCK_M)
         if BLOCK_N == 4:
             s2 = s0 + 2 * row_stride_blocks
-            s3 = s0 + 3 * row_stride_blocks
-            acc2 += _times(part2, _row_scale(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, offset_ptr, s2,
-                                             word_blocks, rows_left > 2, NESTED, ABSMAX_BLOCKSIZE), BLOCK_M)  # fmt: skip
-            acc3 += _times(part3, _row_scale(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, offset_ptr, s3,
-                                             word_blocks, rows_left > 3, NESTED, ABSMAX_BLOCKSIZE), BLOCK_M)  # fmt: skip
+            scale2 = _row_scale(*scales, s2, word_blocks, rows_left > 2, NESTED, ABSMAX_BLOCKSIZE)
+            scale3 = _row_scale(*scales, s2 + row_stride_blocks, word_blocks, rows_left > 3, NESTED, ABSMAX_BLOCKSIZE)
+            acc2 += _times(part2, scale2, BLOCK_M)
+            acc3 += _times(part3, scale3, BLOCK_M)
     offs_m = row0 + tl.arange(0, BLOCK_M)
     out_rows = out_ptr + offs_m.to(tl.int64) * stride_om + n0
     mask_m = offs_m < M
