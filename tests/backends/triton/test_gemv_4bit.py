@@ -105,6 +105,33 @@ def test_every_kernel_variant(device, launcher, rng, config, rows, nested):
     assert (out.float() - expected.float()).abs().max().item() <= 2 * torch.finfo(a.dtype).eps * scale
 
 
+@pytest.mark.parametrize("absmax_blocksize", [2, 4, 256])
+@pytest.mark.parametrize("permute_a", [True, False], ids=["permuted", "as-stored"])
+def test_rows_kernel_nested_outer_scales(device, rng, absmax_blocksize, permute_a):
+    """The rows kernel's nested decode where the outer scale changes within a tile (2 blocks per
+    outer scale, 4 per tile: one scale per word), at the tile's edge (4) and only between rows
+    (256), on random absmax codes and outer scales against the op's reference."""
+    from tritonbits._ops import REFERENCES
+    from tritonbits.backends.triton.gemv_4bit import GemvLaunch, _as_words
+
+    N, K = 7, 1024
+    packed, state = F.quantize_4bit(torch.randn(N, K, generator=rng).to(device), compress_statistics=False)
+    blocks = N * K // 64
+    absmax = torch.randint(0, 256, (blocks,), generator=rng, dtype=torch.uint8).to(device)
+    absmax_code = torch.rand(256, generator=rng).to(device)
+    absmax_scale = (torch.rand(-(-blocks // absmax_blocksize), generator=rng) + 0.5).to(device)
+    offset = torch.tensor(0.25, device=device)
+    a = torch.randn(1, K, generator=rng).to(device=device, dtype=torch.bfloat16)
+    expected = REFERENCES["gemv_4bit_nested"](a, packed, [N, K], absmax, absmax_code, absmax_scale, offset,
+                                              absmax_blocksize, state.code, 64).float()  # fmt: skip
+    launch = GemvLaunch(1, N, K, a.dtype, a.device, _as_words(packed), absmax,
+                        (absmax_code, absmax_scale, offset.reshape(1), absmax_blocksize), state.code, 64,
+                        (1, 4, 256, 2, 1, False, permute_a, 1, 1, True))  # fmt: skip
+    out = launch.launch(a).float()
+    scale = expected.abs().max().item()
+    assert (out - expected).abs().max().item() <= 2 * torch.finfo(torch.bfloat16).eps * scale
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layout", ["aligned", "odd-offset", "odd-row-stride"])
 def test_rows_kernel_reads_16bit_a_as_stored(device, rng, dtype, layout):
@@ -366,3 +393,18 @@ def test_decode_sizes_match(device, launcher, reference, rng, K, N, rows, nested
     scale = expected.abs().max().item()
     bound = 2 * torch.finfo(torch.bfloat16).eps * scale  # as test_matches_reference
     assert out.shape == (rows, N) and (out.float() - expected).abs().max().item() <= bound
+
+
+def test_one_row_config_by_dtype_and_weight_size():
+    """One row of 16-bit A on a weight up to PAIRS_MAX_WEIGHT elements is read as stored; a
+    larger weight, or float32 A, takes A permuted."""
+    from tritonbits.backends.triton.gemv_4bit import PAIRS_MAX_WEIGHT, _config
+
+    K = 4096
+    small, large = PAIRS_MAX_WEIGHT // K, PAIRS_MAX_WEIGHT // K + 8
+    permute_a = 6
+    assert _config(1, small, K, torch.bfloat16)[permute_a] is False
+    assert _config(1, small, K, torch.float16)[permute_a] is False
+    assert _config(1, large, K, torch.bfloat16)[permute_a] is True
+    assert _config(1, small, K, torch.float32)[permute_a] is True
+    assert _config(2, small, K, torch.bfloat16)[5] is True  # two rows: tensor cores

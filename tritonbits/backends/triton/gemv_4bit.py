@@ -68,8 +68,16 @@ from .quant_4bit import decode_4bit, nested_absmax_args, nested_args
 # (94.2 against 91.0 us), nor did 4 rows of A with W's rows in each thread (135.5 us, against
 # 126.7 us on tensor cores). The k-order tensor-core entry replaced one dot per code column of
 # A permuted, which ran 0.41x bf16 at 5-16 rows on an H100 (2026-11-24).
+# On an H200 (2026-12-03; that run's logs were lost, the figures are from its notes) one row of
+# 16-bit A read as stored (32-bit pairs, no permute launch) took 8.0 us at 4096x4096 against
+# 9.9 us permuted, but 72.9 against 67.8 us at 8192x28672: a thread's pairs of A are 16 bytes
+# apart, four times the L1 wavefronts of the permuted runs, against the permute's fixed ~2.5 us.
+# So it takes weights up to PAIRS_MAX_WEIGHT elements (kernel times through the layer:
+# benchmarks/results/20261204-h200-session11/call1/launch_overhead.txt).
+PAIRS_MAX_WEIGHT = 1 << 26
 CONFIGS: list[tuple] = [
-    (1, 1, 4, 1024, 2, 1, False, True, 1, 1, True),
+    (1, 1, 4, 1024, 4, 1, False, False, 1, 1, True),  # 16-bit A, weights up to PAIRS_MAX_WEIGHT elements
+    (1, 1, 4, 2048, 2, 1, False, True, 1, 1, True),
     (16, 16, 64, 64, 4, 3, True, False, 4),
     (4, 4, 4, 2048, 4, 1, False, True, 1),  # float32 A (no tensor-core entry takes it)
 ]
@@ -309,7 +317,12 @@ def _gemv_4bit_rows_kernel(
     tiles = K // (SPLIT_K * BLOCK_K)  # per split; the launcher makes this exact
     k_begin = pid_k * tiles * BLOCK_K
     table = tl.load(code_ptr + tl.arange(0, 16))
-    rows_left = tl.zeros((WORDS,), dtype=tl.int32) + (N - n0)  # rows of W from n0 on (a tensor, for masks)
+    # nested: a tile's blocks on one row share their outer scale when the tiles (which start at
+    # multiples of BLOCK_K in the flattened weight, K being one) lie within its span
+    ONE_OUTER: tl.constexpr = (BLOCKSIZE * ABSMAX_BLOCKSIZE) % BLOCK_K == 0
+    offset = tl.load(offset_ptr) if NESTED else 0.0
+    n_left = N - n0  # rows of W from n0 on
+    rows_left = tl.zeros((WORDS,), dtype=tl.int32) + n_left  # the same as a tensor, for masks
     a_rows_left = tl.zeros((WORDS,), dtype=tl.int32) + (M - row0)  # rows of A from row0 on
     a_row = a_ptr + row0.to(tl.int64) * stride_am
     w0 = w_ptr + n0.to(tl.int64) * row_stride_words
@@ -355,15 +368,17 @@ def _gemv_4bit_rows_kernel(
                 part2 += _times(v2, a_j, BLOCK_M)
                 part3 += _times(v3, a_j, BLOCK_M)
         word_blocks = (k0 + 8 * offs_w) // BLOCKSIZE
-        scales = (absmax_ptr, absmax_code_ptr, absmax_scale_ptr, offset_ptr)
-        scale0 = _row_scale(*scales, s0, word_blocks, rows_left > 0, NESTED, ABSMAX_BLOCKSIZE)
-        scale1 = _row_scale(*scales, s0 + row_stride_blocks, word_blocks, rows_left > 1, NESTED, ABSMAX_BLOCKSIZE)
+        scales = (absmax_ptr, absmax_code_ptr, absmax_scale_ptr, offset, k0 // BLOCKSIZE, word_blocks)
+        s1 = s0 + row_stride_blocks
+        scale0 = _row_scale(*scales, s0, rows_left > 0, n_left > 0, NESTED, ABSMAX_BLOCKSIZE, ONE_OUTER)
+        scale1 = _row_scale(*scales, s1, rows_left > 1, n_left > 1, NESTED, ABSMAX_BLOCKSIZE, ONE_OUTER)
         acc0 += _times(part0, scale0, BLOCK_M)
         acc1 += _times(part1, scale1, BLOCK_M)
         if BLOCK_N == 4:
             s2 = s0 + 2 * row_stride_blocks
-            scale2 = _row_scale(*scales, s2, word_blocks, rows_left > 2, NESTED, ABSMAX_BLOCKSIZE)
-            scale3 = _row_scale(*scales, s2 + row_stride_blocks, word_blocks, rows_left > 3, NESTED, ABSMAX_BLOCKSIZE)
+            s3 = s2 + row_stride_blocks
+            scale2 = _row_scale(*scales, s2, rows_left > 2, n_left > 2, NESTED, ABSMAX_BLOCKSIZE, ONE_OUTER)
+            scale3 = _row_scale(*scales, s3, rows_left > 3, n_left > 3, NESTED, ABSMAX_BLOCKSIZE, ONE_OUTER)
             acc2 += _times(part2, scale2, BLOCK_M)
             acc3 += _times(part3, scale3, BLOCK_M)
     offs_m = row0 + tl.arange(0, BLOCK_M)
@@ -445,13 +460,24 @@ def _joined_rows(first, row_stride, offset, rows, other, ROWS: tl.constexpr):
 
 
 @triton.jit
-def _row_scale(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, offset_ptr, row_blocks, word_blocks, mask,
-               NESTED: tl.constexpr, ABSMAX_BLOCKSIZE: tl.constexpr):  # fmt: skip
+def _row_scale(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, offset, tile_block, word_blocks, row_blocks, mask,
+               row_ok, NESTED: tl.constexpr, ABSMAX_BLOCKSIZE: tl.constexpr, ONE_OUTER: tl.constexpr):  # fmt: skip
     """Each word's absmax [WORDS] on one row of W (its blocks from ``row_blocks`` on), 0 where
-    ``mask`` is false; nested: decoded from its 8-bit code."""
+    ``mask`` is false (the row does not exist: ``row_ok``, a scalar, is false); nested: decoded
+    from its 8-bit code as ``absmax_code[q] * outer + offset``, with ONE_OUTER one outer scale for
+    the tile (whose first block is ``tile_block`` on the row), loaded once."""
     block = row_blocks + word_blocks
     absmax = tl.load(absmax_ptr + block, mask=mask, other=0)
-    return _absmax_values(absmax, block, mask, absmax_code_ptr, absmax_scale_ptr, offset_ptr, NESTED, ABSMAX_BLOCKSIZE)
+    if NESTED:
+        inner = tl.load(absmax_code_ptr + absmax.to(tl.int32))
+        if ONE_OUTER:
+            outer = tl.load(absmax_scale_ptr + (row_blocks + tile_block) // ABSMAX_BLOCKSIZE, mask=row_ok, other=0.0)
+            scale = inner * outer + offset
+        else:
+            scale = inner * tl.load(absmax_scale_ptr + block // ABSMAX_BLOCKSIZE, mask=mask, other=0.0) + offset
+    else:
+        scale = absmax
+    return scale
 
 
 @triton.jit
@@ -542,11 +568,14 @@ def _split_k(n_programs: int, K: int, block_k: int, device: torch.device, progra
     return split
 
 
-def _config(rows: int, K: int, dtype: torch.dtype) -> Optional[tuple]:
-    """The launch configuration for ``rows`` rows (a CONFIGS entry without its row limit), with
-    BLOCK_K reduced to divide K; None: not fused."""
+def _config(rows: int, N: int, K: int, dtype: torch.dtype) -> Optional[tuple]:
+    """The launch configuration for ``rows`` rows of A on an N x K weight (a CONFIGS entry without
+    its row limit), with BLOCK_K reduced to divide K; None: not fused."""
     for max_rows, block_m, block_n, block_k, warps, stages, use_dot, permute_a, *rest in CONFIGS:
-        if rows > max_rows or (use_dot and dtype == torch.float32):
+        pairs_of_a = len(rest) > 2 and rest[2] and not permute_a  # 16-bit A read as 32-bit pairs
+        if rows > max_rows or ((use_dot or pairs_of_a) and dtype == torch.float32):
+            continue
+        if pairs_of_a and N * K > PAIRS_MAX_WEIGHT:
             continue
         while block_k > 8 and K % block_k:
             block_k //= 2
@@ -669,7 +698,7 @@ def _fused_launch(A: torch.Tensor, B: torch.Tensor, N: int, K: int, absmax: torc
     rows = A.numel() // K if K else 0
     if N == 0 or rows == 0 or K % blocksize:
         return None
-    config = _config(rows, K, A.dtype)
+    config = _config(rows, N, K, A.dtype)
     words = None if config is None else _as_words(B)
     if words is None:
         return None
