@@ -3,11 +3,11 @@
 For each shape (K x N) and row count it times every candidate configuration (kernel time, through
 a CUDA graph of 10 calls, so host overhead is excluded), checks the result against
 dequantize-then-matmul, and prints the best few with the fraction of copy bandwidth reached
-(weight bytes: packed codes + float32 absmax) and the speed-up over bf16 ``F.linear``. Kernels are
+(weight bytes: packed codes + float32 absmax, or with ``--nested`` 8-bit absmax codes) and the speed-up over bf16 ``F.linear``. Kernels are
 compiled first in parallel worker processes (they fill Triton's cache), then timed in one process.
 All rows go to ``$OUT/tune_gemv_4bit.json`` (or ``--out``). Run from the repository root:
 
-    python tests/gpu/tune_gemv_4bit.py [--quick] [--out DIR]
+    python tests/gpu/tune_gemv_4bit.py [--quick] [--rows R ...] [--nested] [--out DIR]
 """
 
 from __future__ import annotations
@@ -66,10 +66,14 @@ def candidates(rows: int) -> list[tuple]:
 def prepared(a, packed, state, config):
     """The kernel's launch for ``config`` on this weight (built once, launched by ``.launch(a)``)."""
     from tritonbits.backends.triton import gemv_4bit as kernels
+    from tritonbits.backends.triton.quant_4bit import nested_absmax_args
 
     N, K = state.shape
-    return kernels.GemvLaunch(a.shape[0], N, K, a.dtype, a.device, kernels._as_words(packed), state.absmax, None,
-                              state.code, BLOCKSIZE, config)  # fmt: skip
+    return kernels.GemvLaunch(a.shape[0], N, K, a.dtype, a.device, kernels._as_words(packed), state.absmax,
+                              nested_absmax_args(state), state.code, BLOCKSIZE, config)  # fmt: skip
+
+
+NESTED = "--nested" in sys.argv  # read by the compile workers too (spawned with the same arguments)
 
 
 def _inputs(K: int, N: int, rows: int, seed: int = 0):
@@ -77,7 +81,7 @@ def _inputs(K: int, N: int, rows: int, seed: int = 0):
 
     g = torch.Generator(device="cuda").manual_seed(seed)
     w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16, generator=g) * K**-0.5
-    packed, state = F.quantize_4bit(w, quant_type="nf4", blocksize=BLOCKSIZE, compress_statistics=False)
+    packed, state = F.quantize_4bit(w, quant_type="nf4", blocksize=BLOCKSIZE, compress_statistics=NESTED)
     a = torch.randn(rows, K, device="cuda", dtype=torch.bfloat16, generator=g)
     return packed, state, a
 
@@ -111,6 +115,7 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--rows", type=int, nargs="+", help="row counts to sweep (default: all, or 1 and 16 with --quick)")
     parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--nested", action="store_true", help="8-bit absmax codes (the Linear4bit default)")
     args = parser.parse_args()
     shapes = SHAPES[:1] + SHAPES[-1:] if args.quick else SHAPES
     rows_list = tuple(args.rows) if args.rows else (1, 16) if args.quick else ROWS
@@ -124,7 +129,6 @@ def main() -> None:
     print(f"compiled {len(jobs)} (shape, rows, config) jobs in {time.time() - t0:.0f} s, {failed} failed", flush=True)
 
     import tritonbits.functional as F
-    from tritonbits._ops import REFERENCES
 
     copy_bw = copy_bandwidth()
     print(f"copy bandwidth {copy_bw / 1e9:.0f} GB/s", flush=True)
@@ -136,11 +140,11 @@ def main() -> None:
         bitsandbytes = None
     records = []
     for K, N in shapes:
-        weight_bytes = N * K // 2 + 4 * N * K // BLOCKSIZE
+        weight_bytes = N * K // 2 + (1 if args.nested else 4) * N * K // BLOCKSIZE
         for rows in rows_list:
             packed, state, a = _inputs(K, N, rows)
             dense = F.dequantize_4bit(packed, state)
-            expected = REFERENCES["gemv_4bit"](a, packed, [N, K], state.absmax, state.code, BLOCKSIZE).float()
+            expected = torch.nn.functional.linear(a.float(), dense.float())
             scale = expected.abs().max().item()
             bf16 = graph_us(lambda: torch.nn.functional.linear(a, dense))
             dequant = graph_us(lambda: torch.nn.functional.linear(a, F.dequantize_4bit(packed, state)))
@@ -148,7 +152,7 @@ def main() -> None:
             if bitsandbytes is not None:
                 try:
                     bnb_packed, bnb_state = bnbF.quantize_4bit(dense, quant_type="nf4", blocksize=BLOCKSIZE,
-                                                               compress_statistics=False)
+                                                               compress_statistics=args.nested)
                     base["bnb_us"] = graph_us(lambda: bitsandbytes.matmul_4bit(a, bnb_packed.t(), bnb_state))
                 except Exception as e:
                     base["bnb_error"] = repr(e)[:200]
@@ -188,8 +192,8 @@ def main() -> None:
             summary[rows] = {"config": best[1], "geomean_x_bf16": best[0]}
             print(f"rows {rows:2d}: best overall {best[1]} geomean {best[0]:.2f}x bf16", flush=True)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "tune_gemv_4bit.json"), "w") as f:
-        json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bw": copy_bw,
+    with open(os.path.join(args.out, f"tune_gemv_4bit{'_nested' if args.nested else ''}.json"), "w") as f:
+        json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bw": copy_bw, "nested": args.nested,
                    "records": records, "best": summary}, f, indent=1)
 
 
