@@ -6,7 +6,9 @@ kernels of its linear layers predict. This builds the same model (random weights
 cache (transformers compiles the forward with CUDA graphs), then profiles one call and prints the
 GPU kernels by total time, per generated token, and the wall time per token. Run from the
 repository root: ``python tests/gpu/profile_decode.py [--variant tritonbits|bf16|bitsandbytes]``;
-``--host`` profiles the host side of the call instead (cProfile).
+``--host`` profiles the host side of the call instead (cProfile), with the functions that CUDA
+graph recording calls; ``--reuse-cache`` passes one kept static cache to every call, as
+``benchmarks/e2e.py``'s "reused" mode does.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ sys.path.insert(0, os.getcwd())
 from benchmarks import e2e  # noqa: E402
 
 
-def _profile_host(model, input_ids, kwargs) -> None:
+def _profile_host(model, input_ids, kwargs, cache) -> None:
     """Where the host's time per token goes: Python functions (and the C calls they make, such as
     a compiled frame's guard check) by own time and by cumulative time, for one generate call."""
     import cProfile
@@ -30,11 +32,13 @@ def _profile_host(model, input_ids, kwargs) -> None:
 
     profile = cProfile.Profile()
     profile.enable()
-    e2e.timed_generate(model, input_ids, kwargs)
+    e2e.timed_generate(model, input_ids, kwargs, cache)
     profile.disable()
     stats = pstats.Stats(profile)
     stats.sort_stats("tottime").print_stats(30)
     stats.sort_stats("cumulative").print_stats(30)
+    # where a CUDA graph recording's time goes (cudagraph trees' _record, the capture's exit)
+    stats.sort_stats("cumulative").print_callees(r"cudagraph_trees.py:\d+\(_record\)|graphs.py:\d+\(__exit__\)")
 
 
 def main() -> None:
@@ -43,8 +47,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--layers", type=int, default=None, help="default: all 32")
+    parser.add_argument("--reuse-cache", action="store_true", help="one static cache kept for every call")
     parser.add_argument("--host", action="store_true",
-                        help="profile the host instead: cProfile of one generate call, functions by own time")  # fmt: skip
+                        help="profile the host instead: cProfile of one generate call, by own time")  # fmt: skip
     args = parser.parse_args()
     device = torch.device("cuda")
     model = e2e.build_model(e2e.llama_config(e2e.LLAMA3_8B, args.layers), device, seed=0)
@@ -53,20 +58,22 @@ def main() -> None:
     elif args.variant == "bitsandbytes":
         e2e.quantize_bitsandbytes(model)
     input_ids = torch.randint(0, model.config.vocab_size, (args.batch, 16), device=device)
-    kwargs = e2e.generate_kwargs("static", args.new_tokens, None)
+    mode = "reused" if args.reuse_cache else "static"
+    kwargs = e2e.generate_kwargs(mode, args.new_tokens, None)
+    cache = e2e.reused_cache(model, input_ids.shape[1] + args.new_tokens) if args.reuse_cache else None
     for _ in range(2):
-        seconds, _ = e2e.timed_generate(model, input_ids, kwargs)
+        seconds, _ = e2e.timed_generate(model, input_ids, kwargs, cache)
         print(f"warm-up generate: {seconds:.2f} s", flush=True)
-    seconds, _ = e2e.timed_generate(model, input_ids, kwargs)
+    seconds, _ = e2e.timed_generate(model, input_ids, kwargs, cache)
     per_token = 1e3 * seconds / args.new_tokens
     print(f"{args.variant} batch {args.batch}: {per_token:.2f} ms a token (wall, prefill included)")
     if args.host:
-        _profile_host(model, input_ids, kwargs)
+        _profile_host(model, input_ids, kwargs, cache)
         return
     activities = [torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]
     with torch.profiler.profile(activities=activities) as prof:
         start = time.perf_counter()
-        e2e.timed_generate(model, input_ids, kwargs)
+        e2e.timed_generate(model, input_ids, kwargs, cache)
         wall = time.perf_counter() - start
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
     gpu_total = sum(e.self_device_time_total for e in events)
