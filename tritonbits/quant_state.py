@@ -41,6 +41,11 @@ class QuantState:
         state2: QuantState of the 8-bit quantized absmax (None if not nested).
     """
 
+    # Counts assignments to the tensor fields (``to`` reassigns them), so that what a compiled
+    # layer derived from this state can tell that it is out of date (nn/compiled_decode.py).
+    _stamp = 0
+    _STAMPED = frozenset(("absmax", "code", "offset", "state2"))
+
     valid_quant_types = ("fp4", "nf4")
     valid_qs_type_keys = [f"bitsandbytes__{x}" for x in valid_quant_types]
     valid_qs_keys = [
@@ -77,6 +82,11 @@ class QuantState:
         self.quant_type = quant_type
         self.offset = offset
         self.state2 = state2
+
+    def __setattr__(self, name: str, value) -> None:
+        object.__setattr__(self, name, value)
+        if name in QuantState._STAMPED:
+            object.__setattr__(self, "_stamp", self._stamp + 1)
 
     @property
     def nested(self) -> bool:

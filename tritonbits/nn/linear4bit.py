@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..autograd.matmul_4bit import matmul_4bit, planned_matmul_4bit
+from .compiled_decode import compiled_gemv, refresh_decode_pack
 from .params4bit import Params4bit, load_prequantized_weight, quantized_weight, save_quant_state
 
 __all__ = ["Linear4bit", "LinearFP4", "LinearNF4"]
@@ -69,7 +70,14 @@ class Linear4bit(nn.Linear):
     def quantize_(self) -> "Linear4bit":
         """Quantize the weight where it is (e.g. on the CPU); no-op if already quantized."""
         self.weight.quantize_()
+        refresh_decode_pack(self)
         return self
+
+    def _apply(self, fn, recurse=True):
+        # .to()/.cuda()/.cpu() quantize or move the weight's QuantState: rebuild the decode pack there
+        result = super()._apply(fn, recurse)
+        refresh_decode_pack(self)
+        return result
 
     def set_compute_type(self, x: torch.Tensor) -> None:
         """Adopt float32/bfloat16 input dtypes as compute dtype (bitsandbytes' rule, first call)."""
@@ -96,6 +104,7 @@ class Linear4bit(nn.Linear):
         )
         if installed and prefix + "weight" in missing_keys[missing_before:]:
             missing_keys.remove(prefix + "weight")
+        refresh_decode_pack(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = quantized_weight(self)
@@ -106,7 +115,11 @@ class Linear4bit(nn.Linear):
         if self.compute_dtype is not None:
             x = x.to(self.compute_dtype)
         bias = self.bias
-        out = planned_matmul_4bit(x, weight, weight.quant_state, bias)  # the eager decode path
+        if torch.compiler.is_compiling():
+            out = compiled_gemv(self, x, weight, bias)  # decode sizes, traced: few guards
+        else:
+            refresh_decode_pack(self)  # a no-op unless the weight's state changed
+            out = planned_matmul_4bit(x, weight, weight.quant_state, bias)  # the eager decode path
         if out is None:
             out = matmul_4bit(x, weight, weight.quant_state, bias=bias)
         return out.to(input_dtype)

@@ -1,0 +1,135 @@
+"""What a compiled 4-bit layer reads at decode sizes: its weight's scales in two tensors, kept in
+the layer's own ``__dict__``.
+
+Under ``torch.compile`` every tensor a forward reaches is a graph input that Dynamo checks on each
+call. Tensors found as values of a module's ``__dict__`` (parameters, buffers, plain attributes)
+are checked almost for free while that dict is unchanged; tensors reached through the weight's
+QuantState are checked one by one (type, shapes, strides, five attribute probes each). A
+Llama-3-8B decode step reached 6 tensors and ~75 guards per 4-bit layer that way: 2.5-3.4 ms of
+host time per compiled call on an H200 host against 0.72 ms for bf16 (``tests/gpu/
+decode_call_cost.py``, 2026-12-04), during which the GPU waited for the CUDA graph's replay.
+
+So a Linear4bit keeps a *decode pack* in ``__dict__["_decode_pack"]``: the QuantState's absmax
+(the same tensor, not a copy) and one float32 ``meta`` tensor holding the small rest (the offset,
+the 4-bit code, the absmax code and scales of double quantization), plus the ints a launch
+needs. The traced forward reads the pack and checks that it still describes the weight: the same
+QuantState object with the same stamps (QuantState counts assignments to its tensor fields, and
+``QuantState.to`` reassigns them), otherwise it takes the general path. The pack is (re)built in
+eager code only: when the weight is quantized, after the layer moves, and by an eager forward that
+finds it stale.
+
+``meta`` is a copy of small tensors; writing into ``quant_state.offset``/``code``/``state2`` in
+place (not reassigning them) leaves it stale until :func:`refresh_decode_pack` is called.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..quant_state import QuantState
+from ._compile import mark_static
+
+__all__ = ["compiled_gemv", "refresh_decode_pack"]
+
+PACK_KEY = "_decode_pack"
+_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _stamp(quant_state: Optional[QuantState]) -> int:
+    return -1 if quant_state is None else quant_state._stamp
+
+
+def _build(quant_state: QuantState) -> Optional[dict]:
+    """The pack of ``quant_state``, or None where the decode op does not apply (8-bit or 1-D
+    states, absmax of other dtypes, tensors on several devices, the meta device)."""
+    shape = quant_state.shape
+    absmax = quant_state.absmax
+    if shape is None or len(shape) != 2 or not isinstance(absmax, Tensor) or absmax.device.type == "meta":
+        return None
+    inner = quant_state.state2
+    if inner is not None:
+        if absmax.dtype != torch.uint8 or quant_state.offset is None:
+            return None
+        parts = [quant_state.offset, quant_state.code, inner.code, inner.absmax]
+    else:
+        if absmax.dtype != torch.float32:
+            return None
+        parts = [quant_state.code]
+    if any(not isinstance(t, Tensor) or t.device != absmax.device for t in parts):
+        return None
+    meta = torch.cat([t.detach().reshape(-1).float() for t in parts])
+    mark_static(meta)
+    return {
+        "state": quant_state,
+        "stamp": quant_state._stamp,
+        "inner_stamp": _stamp(inner),
+        "absmax": absmax,
+        "meta": meta,
+        "code_size": quant_state.code.numel(),
+        "inner_code_size": 0 if inner is None else inner.code.numel(),
+        "out_features": int(shape[0]),
+        "in_features": int(shape[1]),
+        "blocksize": quant_state.blocksize,
+        "inner_blocksize": 0 if inner is None else inner.blocksize,
+    }
+
+
+def refresh_decode_pack(module: torch.nn.Module) -> None:
+    """(Re)build ``module``'s decode pack from its weight's QuantState if it is missing or stale
+    (eager code only; a no-op while tracing)."""
+    if torch.compiler.is_compiling():
+        return
+    quant_state = getattr(getattr(module, "weight", None), "quant_state", None)
+    pack = module.__dict__.get(PACK_KEY)
+    if quant_state is None:
+        module.__dict__.pop(PACK_KEY, None)
+    elif not _current(pack, quant_state) and not _capturing(quant_state.absmax):
+        module.__dict__[PACK_KEY] = _build(quant_state)
+
+
+def _capturing(tensor) -> bool:
+    # no new tensors inside a CUDA graph capture: the pack would live in the graph's pool
+    return isinstance(tensor, Tensor) and tensor.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _current(pack: Optional[dict], quant_state: QuantState) -> bool:
+    return (
+        pack is not None
+        and pack["state"] is quant_state
+        and pack["stamp"] == quant_state._stamp
+        and pack["inner_stamp"] == _stamp(quant_state.state2)
+    )
+
+
+def compiled_gemv(module: torch.nn.Module, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Optional[Tensor]:
+    """``x @ W.T + bias`` through the fused gemv op with the scales read from ``module``'s decode
+    pack, for a traced forward: x [..., K] float with at most ``GEMV_MAX_ROWS`` rows and no
+    gradient to compute; [..., N] in x's dtype. None (take the general path) when the pack is
+    missing or stale or the call needs anything else."""
+    from ..autograd.matmul_4bit import GEMV_MAX_ROWS
+
+    pack = getattr(module, PACK_KEY, None)  # an attribute lookup, which Dynamo guards cheaply
+    if pack is None or not _current(pack, weight.quant_state):
+        return None
+    in_features = pack["in_features"]
+    if x.dtype not in _FLOAT or x.dim() == 0 or x.shape[-1] != in_features or x.numel() > GEMV_MAX_ROWS * in_features:
+        return None
+    if x.device != pack["absmax"].device or weight.device != x.device:
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return None
+    shape = [pack["out_features"], in_features]
+    meta, code_size = pack["meta"], pack["code_size"]
+    packed = weight.reshape(-1)
+    if pack["inner_blocksize"]:
+        table_end = 1 + code_size + pack["inner_code_size"]
+        out = torch.ops.tritonbits.gemv_4bit_nested(
+            x, packed, shape, pack["absmax"], meta[1 + code_size : table_end], meta[table_end:], meta[0],
+            pack["inner_blocksize"], meta[1 : 1 + code_size], pack["blocksize"],
+        )  # fmt: skip
+    else:
+        out = torch.ops.tritonbits.gemv_4bit(x, packed, shape, pack["absmax"], meta, pack["blocksize"])
+    return out if bias is None else out + bias.to(out.dtype)
