@@ -7,14 +7,24 @@ reports host seconds in: the eager prefill, CUDA graph recordings by cudagraph t
 and within them the capture's end), and the rest (the decode steps). Host clocks only, nothing
 synchronized inside the call, so the parts are where the host waited, not GPU time.
 
-    python tests/gpu/decode_call_cost.py --variant tritonbits [--reuse-cache] [--calls 3]
+Per decode step (the compiled forward that ``generate`` calls once a token) it also reports the
+median host seconds inside the call (guards, cudagraph trees' input checks and copies, the
+replay's launch), the GPU seconds between CUDA events recorded before and after it, and the host
+seconds between one step's return and the next step's start (``generate``'s own work, with its
+synchronization). ``--skip-guards`` then times as many calls with Dynamo's guard evaluation skipped
+(``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``), to show what guards cost;
+``--profile`` then lists the GPU kernels of one more call.
+
+    python tests/gpu/decode_call_cost.py --variant tritonbits [--reuse-cache] [--calls 3] [--skip-guards] [--profile]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
+import statistics
 import sys
 import time
 from collections import defaultdict
@@ -41,6 +51,45 @@ def _timed(owner, name: str, totals: dict) -> None:
     setattr(owner, name, wrapper)
 
 
+class StepClock:
+    """Wraps the model's compiled call (``model._compiled_call``, what ``generate`` reuses for
+    every decode step): per call, host seconds inside it, a pair of CUDA events around it, and host
+    seconds since the previous call returned."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.clear()
+
+    def clear(self) -> None:
+        self.inside: list[float] = []
+        self.between: list[float] = []
+        self.events: list[tuple] = []
+        self.last_return = None
+
+    def __call__(self, *args, **kwargs):
+        before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start = time.perf_counter()
+        if self.last_return is not None:
+            self.between.append(start - self.last_return)
+        before.record()
+        out = self.inner(*args, **kwargs)
+        after.record()
+        self.last_return = time.perf_counter()
+        self.inside.append(self.last_return - start)
+        self.events.append((before, after))
+        return out
+
+    def report(self) -> str:
+        torch.cuda.synchronize()
+        gpu = [1e-3 * a.elapsed_time(b) for a, b in self.events]
+
+        def ms(values: list[float]) -> str:
+            return f"{1e3 * statistics.median(values):.3f}" if values else "-"
+
+        return (f"{len(self.inside)} steps, median ms: in the call {ms(self.inside)}, GPU {ms(gpu)}, "
+                f"between calls {ms(self.between)}")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", default="tritonbits", choices=("tritonbits", "bf16"))
@@ -48,6 +97,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--calls", type=int, default=3)
     parser.add_argument("--reuse-cache", action="store_true", help="one static cache kept for every call")
+    parser.add_argument("--skip-guards", action="store_true", help="then as many calls with guard evaluation skipped")
+    parser.add_argument("--profile", action="store_true", help="then the GPU kernels of one more call")
     args = parser.parse_args()
     from torch._inductor import cudagraph_trees
     from transformers.generation import utils as generation_utils
@@ -71,15 +122,37 @@ def main() -> None:
     _timed(torch.cuda.CUDAGraph, "replay", totals)
     if hasattr(generation_utils.GenerationMixin, "_prefill"):
         _timed(generation_utils.GenerationMixin, "_prefill", totals)
-    print(f"{args.variant} batch {args.batch}, {args.new_tokens} new tokens, cache {mode}:")
-    for _ in range(args.calls):
-        totals.clear()
-        seconds, _ = e2e.timed_generate(model, input_ids, kwargs, cache)
-        parts = ", ".join(f"{k} {v:.4f}" if "calls" not in k else f"{k} {int(v)}" for k, v in sorted(totals.items()))
-        rest = seconds - totals["_prefill"] - totals["record_function"]
-        print(f"  call {seconds:.3f} s: {parts}; rest {rest:.3f} s ({1e3 * rest / args.new_tokens:.2f} ms a token)",
-              flush=True)  # fmt: skip
+    if "_compiled_call" not in model.__dict__:
+        raise SystemExit("generate did not compile the forward (no model._compiled_call): nothing to time per step")
+    clock = model._compiled_call = StepClock(model._compiled_call)
+    for skip in (False, True) if args.skip_guards else (False,):
+        guards = ", guards skipped" if skip else ""
+        print(f"{args.variant} batch {args.batch}, {args.new_tokens} new tokens, cache {mode}{guards}:")
+        for _ in range(args.calls):
+            totals.clear()
+            clock.clear()
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=True) if skip else contextlib.nullcontext():
+                seconds, _ = e2e.timed_generate(model, input_ids, kwargs, cache)
+            parts = ", ".join(f"{k} {int(v)}" if "calls" in k else f"{k} {v:.4f}" for k, v in sorted(totals.items()))
+            rest = seconds - totals["_prefill"] - totals["record_function"]
+            print(f"  call {seconds:.3f} s: {parts}; rest {rest:.3f} s ({1e3 * rest / args.new_tokens:.2f} ms a token)",
+                  flush=True)  # fmt: skip
+            print(f"    {clock.report()}", flush=True)
+    if args.profile:
+        _profile_kernels(model, input_ids, kwargs, cache, args.new_tokens)
 
+
+def _profile_kernels(model, input_ids, kwargs, cache, new_tokens: int) -> None:
+    """GPU kernels of one more call (CUDA activity only, so no CPU op counts them twice)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        seconds, _ = e2e.timed_generate(model, input_ids, kwargs, cache)
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)
+    total_us = sum(e.self_device_time_total for e in events)
+    print(f"profiled call {seconds:.3f} s, GPU kernels {total_us / 1e3:.1f} ms ({total_us / 1e3 / new_tokens:.3f} ms "
+          f"a token); by total time:")  # fmt: skip
+    for e in events[:15]:
+        print(f"  {e.self_device_time_total / 1e3:9.3f} ms {e.count:6d} x {e.self_device_time_total / e.count:8.2f} us"
+              f"  {e.key[:90]}")  # fmt: skip
 
 if __name__ == "__main__":
     main()

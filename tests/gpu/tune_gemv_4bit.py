@@ -7,7 +7,7 @@ dequantize-then-matmul, and prints the best few with the fraction of copy bandwi
 compiled first in parallel worker processes (they fill Triton's cache), then timed in one process.
 All rows go to ``$OUT/tune_gemv_4bit.json`` (or ``--out``). Run from the repository root:
 
-    python tests/gpu/tune_gemv_4bit.py [--quick] [--rows R ...] [--nested] [--out DIR]
+    python tests/gpu/tune_gemv_4bit.py [--quick] [--rows R ...] [--nested] [--shapes K:N,...] [--out DIR]
 """
 
 from __future__ import annotations
@@ -116,8 +116,11 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", help="row counts to sweep (default: all, or 1 and 16 with --quick)")
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--nested", action="store_true", help="8-bit absmax codes (the Linear4bit default)")
+    parser.add_argument("--shapes", help="K:N,K:N,... instead of the default shapes (e.g. a model's layers)")
     args = parser.parse_args()
     shapes = SHAPES[:1] + SHAPES[-1:] if args.quick else SHAPES
+    if args.shapes:
+        shapes = tuple(tuple(int(v) for v in shape.split(":")) for shape in args.shapes.split(","))
     rows_list = tuple(args.rows) if args.rows else (1, 16) if args.quick else ROWS
 
     jobs = [(K, N, rows, c) for K, N in shapes for rows in rows_list for c in candidates(rows)]
