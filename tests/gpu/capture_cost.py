@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from timing import peer_bitsandbytes, script_args, write_json  # tests/gpu/timing.py (the script's folder is on sys.path)
+from timing import peer_bitsandbytes, script_args, warm_up_for_capture, write_json  # tests/gpu/timing.py
 
 SHAPES = ((4096, 4096), (4096, 1024), (4096, 1024), (4096, 4096), (4096, 14336), (4096, 14336), (14336, 4096))
 LAYERS = 32
@@ -46,12 +46,7 @@ def measure(kind: str) -> dict:
         return [layer(inputs[layer.in_features]) for layer in layers]
 
     with torch.no_grad():
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                step()
-        torch.cuda.current_stream().wait_stream(stream)
+        stream = warm_up_for_capture(step)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(stream):
@@ -72,7 +67,8 @@ def measure(kind: str) -> dict:
         torch.cuda.synchronize()
         eager = (time.perf_counter() - start) / 20
     record = {"variant": kind, "layers": len(layers), "capture_calls_ms": 1e3 * (t1 - t0),
-              "capture_end_ms": 1e3 * (t2 - t1), "replay_ms": 1e3 * (t4 - t3), "eager_step_ms": 1e3 * eager}  # fmt: skip
+              "capture_end_ms": 1e3 * (t2 - t1), "replay_ms": 1e3 * (t4 - t3),
+              "eager_step_ms": 1e3 * eager}  # fmt: skip
     print(f"{kind:12s} {len(layers)} layers: calls while capturing {record['capture_calls_ms']:7.1f} ms, "
           f"capture_end {record['capture_end_ms']:7.1f} ms, one replay {record['replay_ms']:6.2f} ms, "
           f"eager step {record['eager_step_ms']:6.2f} ms", flush=True)  # fmt: skip

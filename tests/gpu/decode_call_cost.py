@@ -23,16 +23,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import os
 import statistics
-import sys
 import time
 from collections import defaultdict
 
 import torch
 
-sys.path.insert(0, os.getcwd())
-from benchmarks import e2e  # noqa: E402
+from decode_setup import e2e, warmed_decode  # tests/gpu/decode_setup.py (the script's folder is on sys.path)
 
 
 def _timed(owner, name: str, totals: dict) -> None:
@@ -103,17 +100,8 @@ def main() -> None:
     from torch._inductor import cudagraph_trees
     from transformers.generation import utils as generation_utils
 
-    device = torch.device("cuda")
-    model = e2e.build_model(e2e.llama_config(e2e.LLAMA3_8B), device, seed=0)
-    if args.variant == "tritonbits":
-        e2e.quantize_tritonbits(model)
-    input_ids = torch.randint(0, model.config.vocab_size, (args.batch, 16), device=device)
+    model, input_ids, kwargs, cache = warmed_decode(args.variant, args.batch, args.new_tokens, args.reuse_cache)
     mode = "reused" if args.reuse_cache else "static"
-    kwargs = e2e.generate_kwargs(mode, args.new_tokens, None)
-    cache = e2e.reused_cache(model, input_ids.shape[1] + args.new_tokens) if args.reuse_cache else None
-    for _ in range(2):
-        seconds, _ = e2e.timed_generate(model, input_ids, kwargs, cache)
-        print(f"warm-up generate: {seconds:.2f} s", flush=True)
 
     totals: dict = defaultdict(float)
     _timed(cudagraph_trees.CUDAGraphTreeManager, "record_function", totals)

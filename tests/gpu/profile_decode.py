@@ -14,14 +14,11 @@ graph recording calls; ``--reuse-cache`` passes one kept static cache to every c
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.getcwd())
-from benchmarks import e2e  # noqa: E402
+from decode_setup import e2e, warmed_decode  # tests/gpu/decode_setup.py (the script's folder is on sys.path)
 
 
 def _profile_host(model, input_ids, kwargs, cache) -> None:
@@ -51,19 +48,8 @@ def main() -> None:
     parser.add_argument("--host", action="store_true",
                         help="profile the host instead: cProfile of one generate call, by own time")  # fmt: skip
     args = parser.parse_args()
-    device = torch.device("cuda")
-    model = e2e.build_model(e2e.llama_config(e2e.LLAMA3_8B, args.layers), device, seed=0)
-    if args.variant == "tritonbits":
-        e2e.quantize_tritonbits(model)
-    elif args.variant == "bitsandbytes":
-        e2e.quantize_bitsandbytes(model)
-    input_ids = torch.randint(0, model.config.vocab_size, (args.batch, 16), device=device)
-    mode = "reused" if args.reuse_cache else "static"
-    kwargs = e2e.generate_kwargs(mode, args.new_tokens, None)
-    cache = e2e.reused_cache(model, input_ids.shape[1] + args.new_tokens) if args.reuse_cache else None
-    for _ in range(2):
-        seconds, _ = e2e.timed_generate(model, input_ids, kwargs, cache)
-        print(f"warm-up generate: {seconds:.2f} s", flush=True)
+    model, input_ids, kwargs, cache = warmed_decode(args.variant, args.batch, args.new_tokens, args.reuse_cache,
+                                                    args.layers)  # fmt: skip
     seconds, _ = e2e.timed_generate(model, input_ids, kwargs, cache)
     per_token = 1e3 * seconds / args.new_tokens
     print(f"{args.variant} batch {args.batch}: {per_token:.2f} ms a token (wall, prefill included)")

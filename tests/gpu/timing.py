@@ -8,15 +8,22 @@ import time
 import torch
 
 
-def graph_us(fn, calls: int = 10, reps: int = 5) -> float:
-    """Median GPU time of one ``fn()`` in microseconds: ``calls`` calls captured in a CUDA graph
-    (after warm-up calls on a side stream), the graph replayed ``reps`` times."""
+def warm_up_for_capture(fn, calls: int = 3) -> torch.cuda.Stream:
+    """Run ``fn()`` a few times on a side stream, as CUDA graph capture requires (lazy inits,
+    cuBLAS workspaces); returns that stream, which the current stream has waited for."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for _ in range(3):
+        for _ in range(calls):
             fn()
     torch.cuda.current_stream().wait_stream(stream)
+    return stream
+
+
+def graph_us(fn, calls: int = 10, reps: int = 5) -> float:
+    """Median GPU time of one ``fn()`` in microseconds: ``calls`` calls captured in a CUDA graph
+    (after warm-up calls on a side stream), the graph replayed ``reps`` times."""
+    warm_up_for_capture(fn)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for _ in range(calls):
