@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..autograd.matmul_4bit import matmul_4bit, planned_matmul_4bit
-from .compiled_decode import compiled_gemv, refresh_decode_pack
+from .compiled_decode import compiled_gemv, keep_decode_pack, refresh_decode_pack
 from .params4bit import Params4bit, load_prequantized_weight, quantized_weight, save_quant_state
 
 __all__ = ["Linear4bit", "LinearFP4", "LinearNF4"]
@@ -118,7 +118,7 @@ class Linear4bit(nn.Linear):
         if torch.compiler.is_compiling():
             out = compiled_gemv(self, x, weight, bias)  # decode sizes, traced: few guards
         else:
-            refresh_decode_pack(self)  # a no-op unless the weight's state changed
+            keep_decode_pack(self, weight.quant_state)  # a few comparisons unless the state changed
             out = planned_matmul_4bit(x, weight, weight.quant_state, bias)  # the eager decode path
         if out is None:
             out = matmul_4bit(x, weight, weight.quant_state, bias=bias)
