@@ -26,12 +26,13 @@ Two warm-up calls of the same shape (they absorb compilation and graph capture),
 of ``--repeats`` timed calls. tokens/s = batch * new_tokens / seconds of one whole ``generate``
 call (the eager prefill included, as in the reference). Per run the JSON also records the Dynamo
 graphs compiled and graph breaks, and whether a timed call recompiled.
-``--reused-cache`` adds mode "reused": it times the same calls with one ``StaticCache`` per batch size passed as
-``past_key_values`` and reset before each call: transformers' own static cache is new in every
-call, and its new tensor addresses make cudagraph trees record the CUDA graph again in most calls
-(``benchmarks/results/20261204-h200-session11/``), a fixed cost per call that a server keeping
-its cache does not pay (its first call compiles the forward again, ~50 s a variant). The issue's
-targets are checked in every mode run. ``--eager`` adds
+``--reused-cache`` adds mode "reused": the same calls with one ``StaticCache`` per batch size,
+passed as ``past_key_values`` and reset before each call, as a server keeping its cache would run
+(transformers' own static cache is new in every call, with new tensor addresses; cudagraph trees
+re-recorded for them in warm-up calls, none in the timed calls of
+``benchmarks/results/20261204-h200-session12/``). Its first call compiles the forward again
+(~50 s a variant, 3-4 Dynamo graphs there). The issue's targets are checked in every mode run.
+``--eager`` adds
 uncompiled runs with the dynamic cache (on an H100 these measure Python overhead, ~6 s a call).
 
 **QLoRA training**: peft LoRA r=16 (alpha 32, no dropout) on q/k/v/o/gate/up/down_proj of the
@@ -335,9 +336,7 @@ def generate_kwargs(mode: str, new_tokens: int, compile_config) -> dict:
 def reused_cache(model, max_len: int):
     """A ``StaticCache`` for ``max_len`` tokens, to be passed to every ``generate`` call of one
     batch size (reset before each, see ``timed_generate``). Its tensors keep their addresses from
-    call to call, so the compiled forward's CUDA graph is recorded once; with
-    ``cache_implementation="static"`` transformers builds a new cache per call, whose new
-    addresses make cudagraph trees record the graph again in most calls."""
+    call to call; with ``cache_implementation="static"`` transformers builds a new cache per call."""
     from transformers import StaticCache
 
     return StaticCache(config=model.config, max_cache_len=max_len)  # device and dtype: from the first update
@@ -637,7 +636,7 @@ def settings(args, compile_config) -> dict:
             "warmup_calls": args.warmup, "timed_calls": args.repeats, "statistic": "median",
             "static": "generate(cache_implementation='static'); transformers compiles the forward",
             "reused": "generate(past_key_values=one StaticCache kept per batch size, reset before each call); "
-                      "compiled the same way, the CUDA graph recorded once",
+                      "compiled the same way",
             "compile_config": "transformers default (inductor, reduce-overhead, fullgraph=False, dynamic=None)"
             if compile_config is None else {k: str(v) for k, v in compile_config.to_dict().items()},
             "tokens_per_s": "batch * new_tokens / seconds of one generate call (prefill included)",
