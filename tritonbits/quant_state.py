@@ -7,6 +7,7 @@ uint8 tensor ``quant_state.bitsandbytes__<nf4|fp4>`` holding the JSON of the non
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Optional
 
 import torch
@@ -41,10 +42,12 @@ class QuantState:
         state2: QuantState of the 8-bit quantized absmax (None if not nested).
     """
 
-    # Counts assignments to the tensor fields (``to`` reassigns them), so that what a compiled
-    # layer derived from this state can tell that it is out of date (nn/compiled_decode.py).
+    # A new process-wide number on every assignment to a tensor field (``to`` reassigns them) and
+    # on unpickling or copying, so that what a compiled layer derived from a state can tell, by
+    # one integer, that it still describes this very state (nn/compiled_decode.py).
     _stamp = 0
     _STAMPED = frozenset(("absmax", "code", "offset", "state2"))
+    _STAMPS = itertools.count(1)
 
     valid_quant_types = ("fp4", "nf4")
     valid_qs_type_keys = [f"bitsandbytes__{x}" for x in valid_quant_types]
@@ -86,7 +89,9 @@ class QuantState:
     def __setattr__(self, name: str, value) -> None:
         object.__setattr__(self, name, value)
         if name in QuantState._STAMPED:
-            object.__setattr__(self, "_stamp", self._stamp + 1)
+            # a state built inside traced code is a temporary: -1, which no pack ever holds
+            stamp = -1 if torch.compiler.is_compiling() else next(QuantState._STAMPS)
+            object.__setattr__(self, "_stamp", stamp)
 
     @property
     def nested(self) -> bool:
@@ -105,6 +110,10 @@ class QuantState:
         # Launches prepared for this state's weight (backends/triton/kept_launch.py) and the eager
         # plan that holds one (autograd/matmul_4bit.py: planned_matmul_4bit) are not copied.
         return {k: v for k, v in self.__dict__.items() if k not in ("_kept_launches", "_eager_plan")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        object.__setattr__(self, "_stamp", next(QuantState._STAMPS))  # a copy is another state
 
     def __getitem__(self, idx):
         """The pre-0.41 list layout: [absmax, shape, dtype, blocksize, [offset, state2] or None, quant_type]."""

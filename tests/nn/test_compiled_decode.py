@@ -6,13 +6,14 @@ never uses scales that no longer describe the weight."""
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
 
 from tritonbits import functional as F
 from tritonbits.nn import Linear4bit
-from tritonbits.nn.compiled_decode import PACK_KEY, refresh_decode_pack
+from tritonbits.nn.compiled_decode import PACK_KEY, pack_ints, refresh_decode_pack
 
 
 def _layer(rng, device="cpu", bias=True, **kwargs) -> Linear4bit:
@@ -61,28 +62,50 @@ def test_compiled_decode_matches_eager(rng, fresh_dynamo, nested, quant_type, dt
         torch.testing.assert_close(out, layer(x), rtol=0, atol=2 * torch.finfo(dtype).eps * layer(x).abs().max().item())
     # the graph's tensors: x, the packed weight, absmax, meta and the bias; nothing else of the state
     (inputs,) = record.inputs
-    pack = layer.__dict__[PACK_KEY]
-    assert {id(t) for t in inputs} == {id(x), id(layer.weight), id(state.absmax), id(pack["meta"]), id(layer.bias)}
+    _, meta = layer.__dict__[PACK_KEY]
+    assert {id(t) for t in inputs} == {id(x), id(layer.weight), id(state.absmax), id(meta), id(layer.bias)}
 
 
 def test_pack_follows_the_weight(rng):
     layer = Linear4bit(64, 48, quant_type="nf4")
     assert layer.__dict__.get(PACK_KEY) is None  # not quantized: nothing to pack
     layer.quantize_()
-    pack = layer.__dict__[PACK_KEY]
+    absmax, meta = layer.__dict__[PACK_KEY]
     state = layer.weight.quant_state
-    assert pack["state"] is state and pack["absmax"] is state.absmax
+    assert absmax is state.absmax
     s2 = state.state2
     expected = torch.cat([state.offset.reshape(1), state.code, s2.code, s2.absmax])
-    assert torch.equal(pack["meta"], expected)
+    assert torch.equal(meta.reshape(-1), expected)
+    assert pack_ints(meta) == {
+        "stamp": state._stamp, "inner_stamp": s2._stamp, "out_features": 48, "in_features": 64, "blocksize": 64,
+        "inner_blocksize": 256, "code_size": 16, "inner_code_size": 256,
+    }  # fmt: skip
     # moving reassigns the state's tensors: the pack is rebuilt from the moved ones
     moved = layer.to("cpu")
-    assert moved.__dict__[PACK_KEY]["absmax"] is moved.weight.quant_state.absmax
-    copied = copy.deepcopy(layer)
-    assert copied.__dict__[PACK_KEY]["state"] is copied.weight.quant_state
-    assert copied.__dict__[PACK_KEY]["absmax"] is copied.weight.quant_state.absmax
+    assert moved.__dict__[PACK_KEY][0] is moved.weight.quant_state.absmax
+    assert pack_ints(moved.__dict__[PACK_KEY][1])["stamp"] == moved.weight.quant_state._stamp
+    # a copy's QuantState is another state, with its own stamp and a pack of its own
+    for copied in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        copied_absmax, copied_meta = copied.__dict__[PACK_KEY]
+        assert copied.weight.quant_state._stamp not in (state._stamp, s2._stamp)
+        assert copied_absmax is copied.weight.quant_state.absmax and copied_absmax is not absmax
+        assert pack_ints(copied_meta)["stamp"] == copied.weight.quant_state._stamp
+        assert pack_ints(copied_meta)["inner_stamp"] == copied.weight.quant_state.state2._stamp
     # not part of the state dict
     assert not any(PACK_KEY in key or "meta" in key for key in layer.state_dict())
+
+
+def test_a_pack_never_serves_another_state_with_the_same_tensors(rng, fresh_dynamo):
+    # the weight's QuantState replaced by a copy: same values, other tensors, a new stamp
+    layer = _layer(rng, compress_statistics=False, quant_type="nf4", compute_dtype=torch.float32)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = torch.randn(1, 64, generator=rng)
+    with torch.no_grad():
+        compiled(x)
+        layer.weight.quant_state = copy.deepcopy(layer.weight.quant_state)
+        layer.weight.quant_state.absmax.mul_(2)  # in place, in the copy only
+        torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=0)
+        assert layer.__dict__[PACK_KEY][0] is layer.weight.quant_state.absmax
 
 
 @pytest.mark.parametrize("change", ["offset", "inner absmax", "to()"])
@@ -93,7 +116,7 @@ def test_compiled_forward_never_uses_a_stale_pack(rng, fresh_dynamo, change):
     with torch.no_grad():
         before = compiled(x)
         state = layer.weight.quant_state
-        old_meta = layer.__dict__[PACK_KEY]["meta"]
+        old_meta = layer.__dict__[PACK_KEY][1]
         if change == "offset":
             state.offset = state.offset + 0.5
         elif change == "inner absmax":
@@ -105,7 +128,7 @@ def test_compiled_forward_never_uses_a_stale_pack(rng, fresh_dynamo, change):
         torch.testing.assert_close(after, eager, rtol=0, atol=0)
         if change != "to()":
             assert not torch.equal(after, before)
-        assert layer.__dict__[PACK_KEY]["meta"] is not old_meta
+        assert layer.__dict__[PACK_KEY][1] is not old_meta
         torch.testing.assert_close(compiled(x), eager, rtol=0, atol=0)
 
 

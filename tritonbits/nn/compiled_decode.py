@@ -9,14 +9,18 @@ Llama-3-8B decode step reached 6 tensors and ~75 guards per 4-bit layer that way
 host time per compiled call on an H200 host against 0.72 ms for bf16 (``tests/gpu/
 decode_call_cost.py``, 2026-12-04), during which the GPU waited for the CUDA graph's replay.
 
-So a Linear4bit keeps a *decode pack* in ``__dict__["_decode_pack"]``: the QuantState's absmax
-(the same tensor, not a copy) and one float32 ``meta`` tensor holding the small rest (the offset,
-the 4-bit code, the absmax code and scales of double quantization), plus the ints a launch
-needs. The traced forward reads the pack and checks that it still describes the weight: the same
-QuantState object with the same stamps (QuantState counts assignments to its tensor fields, and
-``QuantState.to`` reassigns them), otherwise it takes the general path. The pack is (re)built in
-eager code only: when the weight is quantized, after the layer moves, and by an eager forward that
-finds it stale.
+So a Linear4bit keeps a *decode pack* in ``__dict__["_decode_pack"]``: a tuple of the QuantState's
+absmax (the same tensor, not a copy) and one float32 ``meta`` tensor holding the small rest (the
+offset, the 4-bit code, the absmax code and scales of double quantization). The integers a launch
+needs and the stamps of the QuantState it was built from ride in ``meta``'s strides, on leading
+dimensions of size 1: Dynamo's guard on the tensor checks its strides anyway, while every integer
+kept elsewhere costs one more guard per layer and call (about 0.1 us each; a layer had 13 of them).
+The traced forward checks that the pack still describes the weight by the stamps alone:
+QuantState takes a new process-wide number on every assignment to its tensor fields, on
+``QuantState.to`` (which reassigns them) and when copied or unpickled, so equal stamps mean the
+same state, unchanged. Otherwise it takes the general path. The pack is (re)built in eager code
+only: when the weight is quantized, after the layer moves or is copied, and by an eager forward
+that finds it stale.
 
 ``meta`` is a copy of small tensors; writing into ``quant_state.offset``/``code``/``state2`` in
 place (not reassigning them) leaves it stale until :func:`refresh_decode_pack` is called.
@@ -39,12 +43,22 @@ _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _stamp(quant_state: Optional[QuantState]) -> int:
-    return -1 if quant_state is None else quant_state._stamp
+    return 0 if quant_state is None else quant_state._stamp  # stamps start at 1
 
 
-def _build(quant_state: QuantState) -> Optional[dict]:
-    """The pack of ``quant_state``, or None where the decode op does not apply (8-bit or 1-D
-    states, absmax of other dtypes, tensors on several devices, the meta device)."""
+# meta's leading size-1 dimensions carry these integers as strides (its last dimension: stride 1)
+_INTS = ("stamp", "inner_stamp", "out_features", "in_features", "blocksize", "inner_blocksize", "code_size",
+         "inner_code_size")  # fmt: skip
+
+
+def pack_ints(meta: Tensor) -> dict:
+    """The integers a pack's ``meta`` carries, by name (``_INTS``)."""
+    return dict(zip(_INTS, meta.stride()[: len(_INTS)]))
+
+
+def _build(quant_state: QuantState) -> Optional[tuple]:
+    """The pack ``(absmax, meta)`` of ``quant_state``, or None where the decode op does not apply
+    (8-bit or 1-D states, absmax of other dtypes, tensors on several devices, the meta device)."""
     shape = quant_state.shape
     absmax = quant_state.absmax
     if shape is None or len(shape) != 2 or not isinstance(absmax, Tensor) or absmax.device.type == "meta":
@@ -60,21 +74,13 @@ def _build(quant_state: QuantState) -> Optional[dict]:
         parts = [quant_state.code]
     if any(not isinstance(t, Tensor) or t.device != absmax.device for t in parts):
         return None
-    meta = torch.cat([t.detach().reshape(-1).float() for t in parts])
+    flat = torch.cat([t.detach().reshape(-1).float() for t in parts])
+    ints = (quant_state._stamp, _stamp(inner), int(shape[0]), int(shape[1]), quant_state.blocksize,
+            0 if inner is None else inner.blocksize, quant_state.code.numel(),
+            0 if inner is None else inner.code.numel())  # fmt: skip
+    meta = flat.as_strided((1,) * len(ints) + (flat.numel(),), ints + (1,))
     mark_static(meta)
-    return {
-        "state": quant_state,
-        "stamp": quant_state._stamp,
-        "inner_stamp": _stamp(inner),
-        "absmax": absmax,
-        "meta": meta,
-        "code_size": quant_state.code.numel(),
-        "inner_code_size": 0 if inner is None else inner.code.numel(),
-        "out_features": int(shape[0]),
-        "in_features": int(shape[1]),
-        "blocksize": quant_state.blocksize,
-        "inner_blocksize": 0 if inner is None else inner.blocksize,
-    }
+    return absmax, meta
 
 
 def refresh_decode_pack(module: torch.nn.Module) -> None:
@@ -101,13 +107,11 @@ def _capturing(tensor) -> bool:
     return isinstance(tensor, Tensor) and tensor.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def _current(pack: Optional[dict], quant_state: QuantState) -> bool:
-    return (
-        pack is not None
-        and pack["state"] is quant_state
-        and pack["stamp"] == quant_state._stamp
-        and pack["inner_stamp"] == _stamp(quant_state.state2)
-    )
+def _current(pack: Optional[tuple], quant_state: QuantState) -> bool:
+    if pack is None:
+        return False
+    ints = pack_ints(pack[1])
+    return ints["stamp"] == quant_state._stamp and ints["inner_stamp"] == _stamp(quant_state.state2)
 
 
 def compiled_gemv(module: torch.nn.Module, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Optional[Tensor]:
@@ -117,25 +121,27 @@ def compiled_gemv(module: torch.nn.Module, x: Tensor, weight: Tensor, bias: Opti
     missing or stale or the call needs anything else."""
     from ..autograd.matmul_4bit import GEMV_MAX_ROWS
 
-    pack = getattr(module, PACK_KEY, None)  # an attribute lookup, which Dynamo guards cheaply
+    pack = getattr(module, PACK_KEY, None)
     if pack is None or not _current(pack, weight.quant_state):
         return None
-    in_features = pack["in_features"]
+    absmax, meta = pack
+    ints = pack_ints(meta)  # constants of the trace: meta's strides are guarded with it
+    in_features, code_size, inner_code_size = ints["in_features"], ints["code_size"], ints["inner_code_size"]
     if x.dtype not in _FLOAT or x.dim() == 0 or x.shape[-1] != in_features or x.numel() > GEMV_MAX_ROWS * in_features:
         return None
-    if x.device != pack["absmax"].device or weight.device != x.device:
+    if x.device != absmax.device or weight.device != x.device:
         return None
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         return None
-    shape = [pack["out_features"], in_features]
-    meta, code_size = pack["meta"], pack["code_size"]
+    shape = [ints["out_features"], in_features]
     packed = weight.reshape(-1)
-    if pack["inner_blocksize"]:
-        table_end = 1 + code_size + pack["inner_code_size"]
+    meta = meta.reshape(-1)
+    if ints["inner_blocksize"]:
+        table_end = 1 + code_size + inner_code_size
         out = torch.ops.tritonbits.gemv_4bit_nested(
-            x, packed, shape, pack["absmax"], meta[1 + code_size : table_end], meta[table_end:], meta[0],
-            pack["inner_blocksize"], meta[1 : 1 + code_size], pack["blocksize"],
+            x, packed, shape, absmax, meta[1 + code_size : table_end], meta[table_end:], meta[0],
+            ints["inner_blocksize"], meta[1 : 1 + code_size], ints["blocksize"],
         )  # fmt: skip
     else:
-        out = torch.ops.tritonbits.gemv_4bit(x, packed, shape, pack["absmax"], meta, pack["blocksize"])
+        out = torch.ops.tritonbits.gemv_4bit(x, packed, shape, absmax, meta, ints["blocksize"])
     return out if bias is None else out + bias.to(out.dtype)

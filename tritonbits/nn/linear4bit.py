@@ -79,6 +79,11 @@ class Linear4bit(nn.Linear):
         refresh_decode_pack(self)
         return result
 
+    def __setstate__(self, state):
+        # a copied or unpickled weight holds a new QuantState (with a new stamp): pack that one
+        super().__setstate__(state)
+        refresh_decode_pack(self)
+
     def set_compute_type(self, x: torch.Tensor) -> None:
         """Adopt float32/bfloat16 input dtypes as compute dtype (bitsandbytes' rule, first call)."""
         if x.dtype in (torch.float32, torch.bfloat16):
