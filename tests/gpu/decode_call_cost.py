@@ -13,16 +13,21 @@ replay's launch), the GPU seconds between CUDA events recorded before and after 
 seconds between one step's return and the next step's start (``generate``'s own work, with its
 synchronization). ``--skip-guards`` then times as many calls with Dynamo's guard evaluation skipped
 (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``), to show what guards cost;
-``--profile`` then lists the GPU kernels of one more call.
+``--profile`` then lists the GPU kernels of one more call; ``--cprofile`` runs one more call with
+Python's profiler on inside the compiled steps only and lists where their host time goes.
 
     python tests/gpu/decode_call_cost.py --variant tritonbits [--reuse-cache] [--calls 3] [--skip-guards] [--profile]
+        [--cprofile]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
 import functools
+import io
+import pstats
 import statistics
 import time
 from collections import defaultdict
@@ -55,6 +60,7 @@ class StepClock:
 
     def __init__(self, inner):
         self.inner = inner
+        self.profiler: cProfile.Profile | None = None  # on only inside the calls, when set
         self.clear()
 
     def clear(self) -> None:
@@ -69,7 +75,11 @@ class StepClock:
         if self.last_return is not None:
             self.between.append(start - self.last_return)
         before.record()
+        if self.profiler is not None:
+            self.profiler.enable()
         out = self.inner(*args, **kwargs)
+        if self.profiler is not None:
+            self.profiler.disable()
         after.record()
         self.last_return = time.perf_counter()
         self.inside.append(self.last_return - start)
@@ -89,13 +99,14 @@ class StepClock:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", default="tritonbits", choices=("tritonbits", "bf16"))
+    parser.add_argument("--variant", default="tritonbits", choices=("tritonbits", "bf16", "bitsandbytes"))
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--calls", type=int, default=3)
     parser.add_argument("--reuse-cache", action="store_true", help="one static cache kept for every call")
     parser.add_argument("--skip-guards", action="store_true", help="then as many calls with guard evaluation skipped")
     parser.add_argument("--profile", action="store_true", help="then the GPU kernels of one more call")
+    parser.add_argument("--cprofile", action="store_true", help="then host functions in one more call's steps")
     args = parser.parse_args()
     from torch._inductor import cudagraph_trees
     from transformers.generation import utils as generation_utils
@@ -128,6 +139,22 @@ def main() -> None:
             print(f"    {clock.report()}", flush=True)
     if args.profile:
         _profile_kernels(model, input_ids, kwargs, cache, args.new_tokens)
+    if args.cprofile:
+        _profile_host(clock, model, input_ids, kwargs, cache)
+
+
+def _profile_host(clock: StepClock, model, input_ids, kwargs, cache) -> None:
+    """Python's profiler inside the compiled steps of one more call: top functions by own time
+    and by cumulative time (the profiler's own overhead inflates both, about alike)."""
+    clock.clear()
+    clock.profiler = cProfile.Profile()
+    seconds, _ = e2e.timed_generate(model, input_ids, kwargs, cache)
+    profiler, clock.profiler = clock.profiler, None
+    print(f"cProfile call {seconds:.3f} s; {clock.report()}")
+    for order in ("tottime", "cumulative"):
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats(order).print_stats(30)
+        print(f"--- by {order}:\n" + "\n".join(line for line in text.getvalue().splitlines() if line.strip()))
 
 
 def _profile_kernels(model, input_ids, kwargs, cache, new_tokens: int) -> None:
