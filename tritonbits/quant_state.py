@@ -8,6 +8,7 @@ uint8 tensor ``quant_state.bitsandbytes__<nf4|fp4>`` holding the JSON of the non
 from __future__ import annotations
 
 import itertools
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -42,9 +43,11 @@ class QuantState:
         state2: QuantState of the 8-bit quantized absmax (None if not nested).
     """
 
-    # A new process-wide number on every assignment to a tensor field (``to`` reassigns them) and
-    # on unpickling or copying, so that what a compiled layer derived from a state can tell, by
-    # one integer, that it still describes this very state (nn/compiled_decode.py).
+    # A new process-wide number on every assignment to a tensor field (``to`` reassigns them), of
+    # this state or of its ``state2``, and on unpickling or copying, so that what a compiled layer
+    # derived from a state can tell, by one integer, that it still describes this very state
+    # (nn/compiled_decode.py). ``_parents``: weak references to the states holding this one as
+    # their ``state2``.
     _stamp = 0
     _STAMPED = frozenset(("absmax", "code", "offset", "state2"))
     _STAMPS = itertools.count(1)
@@ -89,9 +92,24 @@ class QuantState:
     def __setattr__(self, name: str, value) -> None:
         object.__setattr__(self, name, value)
         if name in QuantState._STAMPED:
-            # a state built inside traced code is a temporary: -1, which no pack ever holds
-            stamp = -1 if torch.compiler.is_compiling() else next(QuantState._STAMPS)
-            object.__setattr__(self, "_stamp", stamp)
+            if torch.compiler.is_compiling():
+                # a state built inside traced code is a temporary: -1, which no pack ever holds
+                object.__setattr__(self, "_stamp", -1)
+                return
+            if name == "state2" and isinstance(value, QuantState):
+                value._adopt(self)
+            self._restamp()
+
+    def _restamp(self) -> None:
+        object.__setattr__(self, "_stamp", next(QuantState._STAMPS))
+        for parent in self.__dict__.get("_parents", ()):
+            parent = parent()
+            if parent is not None and parent.__dict__.get("state2") is self:
+                parent._restamp()
+
+    def _adopt(self, parent: "QuantState") -> None:
+        parents = [p for p in self.__dict__.get("_parents", ()) if p() is not None and p() is not parent]
+        object.__setattr__(self, "_parents", [*parents, weakref.ref(parent)])
 
     @property
     def nested(self) -> bool:
@@ -109,11 +127,13 @@ class QuantState:
     def __getstate__(self) -> dict[str, Any]:
         # Launches prepared for this state's weight (backends/triton/kept_launch.py) and the eager
         # plan that holds one (autograd/matmul_4bit.py: planned_matmul_4bit) are not copied.
-        return {k: v for k, v in self.__dict__.items() if k not in ("_kept_launches", "_eager_plan")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_kept_launches", "_eager_plan", "_parents")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        object.__setattr__(self, "_stamp", next(QuantState._STAMPS))  # a copy is another state
+        if isinstance(self.__dict__.get("state2"), QuantState):
+            self.state2._adopt(self)
+        self._restamp()  # a copy is another state
 
     def __getitem__(self, idx):
         """The pre-0.41 list layout: [absmax, shape, dtype, blocksize, [offset, state2] or None, quant_type]."""

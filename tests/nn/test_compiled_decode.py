@@ -77,7 +77,7 @@ def test_pack_follows_the_weight(rng):
     expected = torch.cat([state.offset.reshape(1), state.code, s2.code, s2.absmax])
     assert torch.equal(meta.reshape(-1), expected)
     assert pack_ints(meta) == {
-        "stamp": state._stamp, "inner_stamp": s2._stamp, "out_features": 48, "in_features": 64, "blocksize": 64,
+        "stamp": state._stamp, "out_features": 48, "in_features": 64, "blocksize": 64,
         "inner_blocksize": 256, "code_size": 16, "inner_code_size": 256,
     }  # fmt: skip
     # moving reassigns the state's tensors: the pack is rebuilt from the moved ones
@@ -90,7 +90,6 @@ def test_pack_follows_the_weight(rng):
         assert copied.weight.quant_state._stamp not in (state._stamp, s2._stamp)
         assert copied_absmax is copied.weight.quant_state.absmax and copied_absmax is not absmax
         assert pack_ints(copied_meta)["stamp"] == copied.weight.quant_state._stamp
-        assert pack_ints(copied_meta)["inner_stamp"] == copied.weight.quant_state.state2._stamp
     # not part of the state dict
     assert not any(PACK_KEY in key or "meta" in key for key in layer.state_dict())
 
@@ -106,6 +105,27 @@ def test_a_pack_never_serves_another_state_with_the_same_tensors(rng, fresh_dyna
         layer.weight.quant_state.absmax.mul_(2)  # in place, in the copy only
         torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=0)
         assert layer.__dict__[PACK_KEY][0] is layer.weight.quant_state.absmax
+
+
+def test_the_stamp_follows_the_nested_state():
+    state = F.quantize_4bit(torch.randn(64, 64), quant_type="nf4", compress_statistics=True)[1]
+    inner = state.state2
+    stamps = {state._stamp}
+    for change in (lambda: setattr(inner, "absmax", inner.absmax * 2), lambda: setattr(inner, "code", inner.code),
+                   lambda: inner.to("cpu"), lambda: setattr(state, "state2", copy.deepcopy(inner))):  # fmt: skip
+        change()
+        assert state._stamp not in stamps
+        stamps.add(state._stamp)
+    # a state that no longer holds the inner one is not restamped by it
+    old_inner, state.state2 = state.state2, None
+    stamp = state._stamp
+    old_inner.absmax = old_inner.absmax + 1
+    assert state._stamp == stamp
+    # copies link their own nested state
+    copied = copy.deepcopy(copy.deepcopy(F.quantize_4bit(torch.randn(64, 64), compress_statistics=True)[1]))
+    stamp = copied._stamp
+    copied.state2.absmax = copied.state2.absmax * 2
+    assert copied._stamp != stamp
 
 
 @pytest.mark.parametrize("change", ["offset", "inner absmax", "to()"])

@@ -12,12 +12,12 @@ decode_call_cost.py``, 2026-12-04), during which the GPU waited for the CUDA gra
 So a Linear4bit keeps a *decode pack* in ``__dict__["_decode_pack"]``: a tuple of the QuantState's
 absmax (the same tensor, not a copy) and one float32 ``meta`` tensor holding the small rest (the
 offset, the 4-bit code, the absmax code and scales of double quantization). The integers a launch
-needs and the stamps of the QuantState it was built from ride in ``meta``'s strides, on leading
+needs and the stamp of the QuantState it was built from ride in ``meta``'s strides, on leading
 dimensions of size 1: Dynamo's guard on the tensor checks its strides anyway, while every integer
 kept elsewhere costs one more guard per layer and call (about 0.1 us each; a layer had 13 of them).
-The traced forward checks that the pack still describes the weight by the stamps alone:
-QuantState takes a new process-wide number on every assignment to its tensor fields, on
-``QuantState.to`` (which reassigns them) and when copied or unpickled, so equal stamps mean the
+The traced forward checks that the pack still describes the weight by the stamp alone: QuantState
+takes a new process-wide number on every assignment to its tensor fields or its ``state2``'s, on
+``QuantState.to`` (which reassigns them) and when copied or unpickled, so an equal stamp means the
 same state, unchanged. Otherwise it takes the general path. The pack is (re)built in eager code
 only: when the weight is quantized, after the layer moves or is copied, and by an eager forward
 that finds it stale.
@@ -42,12 +42,8 @@ PACK_KEY = "_decode_pack"
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _stamp(quant_state: Optional[QuantState]) -> int:
-    return 0 if quant_state is None else quant_state._stamp  # stamps start at 1
-
-
 # meta's leading size-1 dimensions carry these integers as strides (its last dimension: stride 1)
-_INTS = ("stamp", "inner_stamp", "out_features", "in_features", "blocksize", "inner_blocksize", "code_size",
+_INTS = ("stamp", "out_features", "in_features", "blocksize", "inner_blocksize", "code_size",
          "inner_code_size")  # fmt: skip
 
 
@@ -75,7 +71,7 @@ def _build(quant_state: QuantState) -> Optional[tuple]:
     if any(not isinstance(t, Tensor) or t.device != absmax.device for t in parts):
         return None
     flat = torch.cat([t.detach().reshape(-1).float() for t in parts])
-    ints = (quant_state._stamp, _stamp(inner), int(shape[0]), int(shape[1]), quant_state.blocksize,
+    ints = (quant_state._stamp, int(shape[0]), int(shape[1]), quant_state.blocksize,
             0 if inner is None else inner.blocksize, quant_state.code.numel(),
             0 if inner is None else inner.code.numel())  # fmt: skip
     meta = flat.as_strided((1,) * len(ints) + (flat.numel(),), ints + (1,))
@@ -110,8 +106,7 @@ def _capturing(tensor) -> bool:
 def _current(pack: Optional[tuple], quant_state: QuantState) -> bool:
     if pack is None:
         return False
-    ints = pack_ints(pack[1])
-    return ints["stamp"] == quant_state._stamp and ints["inner_stamp"] == _stamp(quant_state.state2)
+    return pack_ints(pack[1])["stamp"] == quant_state._stamp  # the state2's changes restamp it too
 
 
 def compiled_gemv(module: torch.nn.Module, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Optional[Tensor]:
