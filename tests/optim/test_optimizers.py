@@ -206,16 +206,26 @@ def test_paged_on_cpu_behaves_like_unpaged():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="paged state streaming needs a CUDA GPU")
-def test_paged_state_lives_in_pinned_host_memory():
-    w = torch.nn.Parameter(torch.randn(1000, 200, device="cuda"))
-    opt = T.PagedAdamW8bit([w])
-    ref = torch.nn.Parameter(w.detach().clone())
-    opt_ref = T.AdamW8bit([ref])
-    for param, optimizer in ((w, opt), (ref, opt_ref)):
-        for _ in range(3):
-            optimizer.zero_grad()
-            (param**2).sum().backward()
+@pytest.mark.parametrize("name", ["PagedAdamW8bit", "PagedAdamW", "PagedLion8bit"])
+def test_paged_states_stream_through_the_gpu_and_match_unpaged(name):
+    # several large parameters (copies in and out overlap updates), one small (its state stays on
+    # the GPU) and one without a gradient; bit-identical to the unpaged optimizer
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shapes = [(1000, 200), (640, 640), (7, 3), (300, 1001), (512, 512)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen, device="cuda")) for s in shapes]
+    refs = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = getattr(T, name)(params)
+    opt_ref = getattr(T, name.removeprefix("Paged"))(refs)
+    for step in range(4):
+        grads = [torch.randn(s, generator=gen, device="cuda") for s in shapes]
+        for ps, optimizer in ((params, opt), (refs, opt_ref)):
+            for i, (p, g) in enumerate(zip(ps, grads)):
+                p.grad = None if i == 3 and step % 2 else g.clone()
             optimizer.step()
-    state1 = opt.state[w]["state1"]
-    assert state1.device.type == "cpu" and state1.is_pinned()
-    assert torch.equal(w, ref)
+    for p, ref in zip(params, refs):
+        assert torch.equal(p, ref)
+        for key, value in opt.state[p].items():
+            if isinstance(value, torch.Tensor) and key in ("state1", "state2"):
+                assert torch.equal(value.cpu(), opt_ref.state[ref][key].cpu())
+                on_host = p.numel() >= 100_000
+                assert (value.device.type == "cpu") == on_host and (not on_host or value.is_pinned())

@@ -20,12 +20,13 @@ gathering skips them, as bitsandbytes does.
 Paged optimizers (``is_paged=True``). bitsandbytes allocates paged state in CUDA unified memory
 and lets the driver evict it to host memory under pressure. tritonbits does not allocate managed
 memory; it keeps the state of each large tensor (>= 100,000 elements) in pinned host memory and
-streams it through the GPU one tensor at a time: copy the state in, run the fused update, copy it
-back, all on the current stream. The GPU then holds at most one parameter's state beyond the
-model, however large the optimizer state is, and never asks for memory the GPU does not have.
-The cost is PCIe traffic: twice the state bytes per step (8-bit Adam: 4 bytes per parameter, about
-0.16 s per step for 1B parameters at 25 GB/s), paid even when the state would have fit on the
-GPU. Tensors under 100,000 elements stay on the GPU. On the CPU, paged optimizers behave like the
+streams it through the GPU during ``step``: the next parameter's state is copied in and the
+previous one's copied back out (on two side streams) while one parameter is updated
+(``optim/paging.py``). The GPU then holds the states of at most three parameters beyond the model,
+however large the optimizer state is, and never asks for memory the GPU does not have. The cost is
+PCIe traffic: the state bytes in each direction per step (8-bit Adam: 2 bytes per parameter each
+way, about 45 ms per step for 1B parameters at 50 GB/s), paid even when the state would have fit
+on the GPU. Tensors under 100,000 elements stay on the GPU. On the CPU, paged optimizers behave like the
 unpaged ones.
 
 DTensor parameters (FSDP2) are updated through their local shards: state is shaped like
@@ -48,6 +49,7 @@ import torch
 
 from .. import functional as F
 from ..codebooks import create_dynamic_map
+from .paging import StatePager
 
 __all__ = ["GlobalOptimManager", "Optimizer8bit", "Optimizer1State", "Optimizer2State", "MockArgs"]
 
@@ -364,25 +366,26 @@ class Optimizer8bit(torch.optim.Optimizer):
             self.check_overrides()
             self.to_gpu()
             self.initialized = True
+        pager = StatePager(self.state) if self.is_paged else None
         for gindex, group in enumerate(self.param_groups):
             batched = []  # updated together by multi-tensor Triton launches (see _update_batched)
+            single = []  # updated one by one; paged states stream in and out around their updates
             for pindex, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
                 if len(self.state[p]) == 0:
                     self.init_state(group, p, gindex, pindex)
-                if self._batchable(p):
-                    batched.append((pindex, p))
-                    continue
-                self.prefetch_state(p)
+                (batched if self._batchable(p) else single).append((pindex, p))
+            for i, (pindex, p) in enumerate(single):
+                if pager is not None and p.is_cuda:
+                    pager.fetch(p, ahead=single[i + 1][1] if i + 1 < len(single) else None)
                 self.update_step(group, p, gindex, pindex)
-                self._evict_state(p)
+                if pager is not None and p.is_cuda:
+                    pager.evict(p)
             if batched:
                 self._update_batched(group, gindex, batched)
-        if getattr(self, "_paged_device", None) is not None:
-            # Copies back to host memory are queued on the current stream; wait for them so that
-            # host readers (state_dict, the next step's prefetch from another stream) see them.
-            torch.cuda.current_stream(self._paged_device).synchronize()
+        if pager is not None:
+            pager.finish()  # host buffers hold the updated states (state_dict, the next step)
         return loss
 
     def init_state(self, group, p, gindex, pindex):
@@ -432,25 +435,9 @@ class Optimizer8bit(torch.optim.Optimizer):
         return buffer
 
     def prefetch_state(self, p):
-        """Paged states: swap in a device copy of each host-held state tensor for this step."""
-        if not self.is_paged:
-            return
-        state = self.state[p]
-        for key in ("state1", "state2"):
-            host = state.get(key)
-            if host is not None and getattr(host, "is_paged", False):
-                state[key] = host.to(host.page_device, non_blocking=True)
-                state["_host_" + key] = host
-
-    def _evict_state(self, p):
-        """Paged states: copy the updated device states back into their host buffers."""
-        state = self.state[p]
-        for key in ("state1", "state2"):
-            host = state.pop("_host_" + key, None)
-            if host is not None:
-                host.copy_(state[key], non_blocking=True)
-                state[key] = host
-                self._paged_device = host.page_device
+        """bitsandbytes' hint to move ``p``'s paged state towards the GPU ahead of its update. A
+        no-op here: ``step`` itself copies each parameter's paged state in while the previous one
+        is updated (``optim/paging.py``)."""
 
     def _gnorm_scale(self, state, grad, config, step):
         """bitsandbytes' percentile clipping: scale down gradients whose norm is above the
