@@ -245,7 +245,7 @@ FEATURES: tuple[Feature, ...] = (
             "bitsandbytes.optim:PagedAdEMAMix8bit",
         ),
         "yes",
-        "state streams from pinned host memory, one tensor at a time (no CUDA unified memory): slower",
+        "state streams from pinned host memory, copies overlapped with the updates (no CUDA unified memory): 0.7x bitsandbytes' speed when the state would fit",
     ),
     Feature(
         "per-parameter optimizer overrides",
