@@ -93,7 +93,7 @@ def refresh_decode_pack(module: torch.nn.Module) -> None:
 
 def keep_decode_pack(module: torch.nn.Module, quant_state: QuantState) -> None:
     """:func:`refresh_decode_pack` for an eager forward that holds the weight's ``quant_state``:
-    a few comparisons when the pack is current (about 0.5 us)."""
+    one comparison when the pack is current (about 0.35 us on this project's CPU)."""
     if not _current(module.__dict__.get(PACK_KEY), quant_state) and not _capturing(quant_state.absmax):
         module.__dict__[PACK_KEY] = _build(quant_state)
 
@@ -104,9 +104,8 @@ def _capturing(tensor) -> bool:
 
 
 def _current(pack: Optional[tuple], quant_state: QuantState) -> bool:
-    if pack is None:
-        return False
-    return pack_ints(pack[1])["stamp"] == quant_state._stamp  # the state2's changes restamp it too
+    # meta's first stride is the stamp (_INTS); the state2's changes restamp its parent too
+    return pack is not None and pack[1].stride(0) == quant_state._stamp
 
 
 def compiled_gemv(module: torch.nn.Module, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Optional[Tensor]:
