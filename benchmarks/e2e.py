@@ -25,7 +25,9 @@ compiles the forward itself (``torch.compile(mode="reduce-overhead")``: Inductor
 Two warm-up calls of the same shape (they absorb compilation and graph capture), then the median
 of ``--repeats`` timed calls. tokens/s = batch * new_tokens / seconds of one whole ``generate``
 call (the eager prefill included, as in the reference). Per run the JSON also records the Dynamo
-graphs compiled and graph breaks, and whether a timed call recompiled.
+graphs compiled and graph breaks, whether a timed call recompiled, and the CUDA graphs that
+cudagraph trees recorded inside each timed call (a recording costs ~0.1 s on an 8B model; with a
+new static cache per call they can happen when its tensors land at new addresses).
 ``--reused-cache`` adds mode "reused": the same calls with one ``StaticCache`` per batch size,
 passed as ``past_key_values`` and reset before each call, as a server keeping its cache would run
 (transformers' own static cache is new in every call, with new tensor addresses; cudagraph trees
@@ -281,6 +283,31 @@ def _compile_stats() -> dict:
     }
 
 
+@contextlib.contextmanager
+def _counting_recordings(counts: list):
+    """Append to ``counts`` the CUDA graphs cudagraph trees records inside the block (by
+    wrapping ``CUDAGraphTreeManager.record_function``; nothing is counted where it is absent)."""
+    try:
+        from torch._inductor import cudagraph_trees
+    except ImportError:
+        cudagraph_trees = None
+    manager = getattr(cudagraph_trees, "CUDAGraphTreeManager", None)
+    original = getattr(manager, "record_function", None)
+    if original is None:
+        yield
+        return
+
+    def record_function(*args, **kwargs):
+        counts.append(1)
+        return original(*args, **kwargs)
+
+    manager.record_function = record_function
+    try:
+        yield
+    finally:
+        manager.record_function = original
+
+
 def _peak_reset(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -369,10 +396,13 @@ def decode_run(model, mode: str, batch: int, args, compile_config) -> dict:
     with deadline(args.compile_timeout if compiled else None):
         record["warmup_s"] = [timed_generate(model, input_ids, kwargs, cache)[0] for _ in range(warmup)]
     before = _compile_stats()
-    seconds, output = [], None
+    seconds, recordings, output = [], [], None
     for _ in range(repeats):
-        elapsed, output = timed_generate(model, input_ids, kwargs, cache)
+        counts: list = []
+        with _counting_recordings(counts):
+            elapsed, output = timed_generate(model, input_ids, kwargs, cache)
         seconds.append(elapsed)
+        recordings.append(len(counts))
     after = _compile_stats()
     expected = (batch, args.prompt_len + args.new_tokens)
     if tuple(output.shape) != expected:
@@ -383,6 +413,7 @@ def decode_run(model, mode: str, batch: int, args, compile_config) -> dict:
         tokens_per_s=batch * args.new_tokens / median,
         seconds=median,
         seconds_all=seconds,
+        cudagraph_recordings=recordings,  # per timed call: CUDA graphs recorded inside it
         ms_per_step=1e3 * median / args.new_tokens,
         peak_GB=_peak_GB(device),
         new_tokens=output[:, args.prompt_len :].cpu().tolist(),
@@ -457,6 +488,8 @@ def format_decode_line(variant: str, record: dict) -> str:
     if record["mode"] in COMPILED_MODES:
         extra = f", {record['graphs']} graphs, {record['graph_breaks']} breaks"
         extra += ", RECOMPILED while timed" if record["recompiled_while_timed"] else ""
+        if any(record.get("cudagraph_recordings", ())):
+            extra += f", CUDA graphs recorded in the timed calls: {record['cudagraph_recordings']}"
         extra += "" if record["compiled"] else ", NOT compiled"
     peak = f", peak {record['peak_GB']:.1f} GB" if record.get("peak_GB") is not None else ""
     return (f"{head} {record['tokens_per_s']:9.1f} tok/s  ({record['seconds']:.3f} s a call, warm-up {warm} s"

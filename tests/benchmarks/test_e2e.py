@@ -70,6 +70,7 @@ def test_smoke_decode_compiles_without_graph_breaks(smoke_run):
             # a graph break in tritonbits' layers would have failed the run
             assert run["compiled"] and run["graph_breaks"] == 0 and not run["recompiled_while_timed"]
             assert len(run["new_tokens"]) == run["batch"] and all(len(row) == 8 for row in run["new_tokens"])
+            assert run["cudagraph_recordings"] == [0] * len(run["seconds_all"])  # no CUDA graphs on the CPU
         # the kept cache is reset between calls: its greedy tokens are those of a fresh cache
         by_mode = {(r["mode"], r["batch"]): r["new_tokens"] for r in entry["runs"]}
         for batch in BATCHES:
@@ -128,6 +129,19 @@ def made_up_document() -> dict:
     }
     doc["summary"] = e2e.summarize(doc, [1, 8])
     return doc
+
+
+def test_recordings_are_counted_per_block(monkeypatch):
+    from torch._inductor import cudagraph_trees
+
+    calls = []
+    monkeypatch.setattr(cudagraph_trees.CUDAGraphTreeManager, "record_function", lambda self, *a: calls.append(a) or 7)
+    counts: list = []
+    with e2e._counting_recordings(counts):
+        assert cudagraph_trees.CUDAGraphTreeManager.record_function(None, "f", 3) == 7
+        cudagraph_trees.CUDAGraphTreeManager.record_function(None, "g", 4)
+    cudagraph_trees.CUDAGraphTreeManager.record_function(None, "h", 5)  # after the block: not counted
+    assert len(counts) == 2 and calls == [("f", 3), ("g", 4), ("h", 5)]
 
 
 def test_summary_checks_the_issue_targets():
