@@ -31,8 +31,7 @@ BLOCKSIZE = 64
 
 def candidates(rows: int) -> list[tuple]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, use_dot, permute_a[, programs_per_sm[, prefetch[,
-    rows_in_thread]]]) configurations
-    worth timing for ``rows``."""
+    rows_in_thread[, byte_pairs]]]]) configurations worth timing for ``rows``."""
     out = []
     if rows <= 2:  # the CUDA-core kernel, one program per row of A; stages > 1: more tiles in flight
         for bn, bk, w, stages in itertools.product((4, 8), (2048, 4096), (4, 8), (1, 2, 3)):
@@ -45,9 +44,10 @@ def candidates(rows: int) -> list[tuple]:
     for bm in sorted({1, 2, 4} & set(range(1, rows + 1))) if rows <= 16 else ():
         for bn, bk, w in itertools.product((2, 4), (1024, 2048, 4096), (2, 4, 8)):
             out.append((bm, bn, bk, w, 1, False, True, 1, 1, True))
-    if rows == 1:  # the same, A read as stored (32-bit pairs of 16-bit values): no permute launch
-        for bn, bk, w in itertools.product((2, 4), (1024, 2048), (2, 4)):
-            out.append((1, bn, bk, w, 1, False, False, 1, 1, True))
+    if rows == 1:  # the same, A read as stored (32-bit pairs of 16-bit values): no permute launch,
+        # with one lookup per code or per byte (a 256-entry table of code pairs)
+        for bn, bk, w, pairs in itertools.product((2, 4), (1024, 2048, 4096), (2, 4), (False, True)):
+            out.append((1, bn, bk, w, 1, False, False, 1, 1, True, pairs))
     if 2 <= rows <= 8:  # CUDA cores, several rows per program sharing each decoded code
         for bm in sorted({2, min(rows, 4)}):
             for bn, bk, w in itertools.product((2, 4, 8), (1024, 2048), (4, 8)):

@@ -154,6 +154,42 @@ def test_rows_kernel_reads_16bit_a_as_stored(device, rng, dtype, layout):
     assert (out.float() - expected).abs().max().item() <= 2 * torch.finfo(dtype).eps * scale
 
 
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
+@pytest.mark.parametrize("block_n", [2, 4])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rows_kernel_byte_pairs_equal_one_lookup_per_code(device, rng, nested, block_n, dtype):
+    """Byte-pair decoding (one gather of a 256-entry table of code pairs per byte) gives the same
+    bits as one gather per code: the same float32 code values meet the same products and sums.
+    Rows of W left over in the last program (N % block_n) and a random 16-entry code included."""
+    from tritonbits.backends.triton.gemv_4bit import GemvLaunch, _as_words, nested_absmax_args
+
+    N, K = 11, 512
+    packed, state = F.quantize_4bit(torch.randn(N, K, generator=rng).to(device), compress_statistics=nested)
+    a = torch.randn(1, K, generator=rng).to(device=device, dtype=dtype)
+    random_code = torch.sort(torch.randn(16, generator=rng)).values.clamp(-1, 1).to(device)
+    for code in (state.code, random_code):
+        outs = []
+        for byte_pairs in (False, True):
+            config = (1, block_n, 256, 2, 1, False, False, 1, 1, True, byte_pairs)
+            launch = GemvLaunch(1, N, K, dtype, a.device, _as_words(packed), state.absmax, nested_absmax_args(state),
+                                code, 64, config)  # fmt: skip
+            outs.append(launch.launch(a))
+        assert torch.equal(outs[0], outs[1])
+        if code is state.code:
+            expected = a.float() @ F.dequantize_4bit(packed, state).float().t()
+            bound = 2 * torch.finfo(dtype).eps * expected.abs().max().item()
+            assert (outs[1].float() - expected).abs().max().item() <= bound
+
+
+def test_byte_pairs_need_rows_in_thread(device, rng):
+    from tritonbits.backends.triton.gemv_4bit import GemvLaunch, _as_words
+
+    packed, state = F.quantize_4bit(torch.randn(8, 256, generator=rng).to(device), compress_statistics=False)
+    with pytest.raises(ValueError, match="byte-pair"):
+        GemvLaunch(1, 8, 256, torch.bfloat16, packed.device, _as_words(packed), state.absmax, None, state.code, 64,
+                   (1, 4, 256, 4, 1, False, False, 1, 1, False, True))  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "config",
     [

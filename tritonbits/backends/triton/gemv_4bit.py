@@ -21,7 +21,11 @@ register gather on the 16-entry table (staged in shared memory by Triton). Three
   not rounded to the compute dtype: the result is at least as accurate as dequantize-then-
   matmul, and within the compute dtype's rounding of it. In ``_gemv_4bit_kernel`` W's rows are
   spread over threads; in ``_gemv_4bit_rows_kernel`` (the one-row entry) every thread holds the
-  same words of 2 or 4 rows of W, so that each value of A it loads serves that many codes.
+  same words of 2 or 4 rows of W, so that each value of A it loads serves that many codes. There
+  ``byte_pairs`` (a configuration option, off in CONFIGS until timed on a GPU) looks up both
+  codes of a byte at once in a 256-entry table of float32 pairs built in the kernel: the same
+  values and sums bit for bit, 16-31% fewer instructions a code by an offline sm_90 compile
+  (``tests/gpu/sass_gemv_4bit.py``), but the 2 KB table is read with bank conflicts.
 - Tensor cores (``USE_DOT=True``, up to 16 rows, fp16/bf16), "swap AB" (W's rows fill the
   MMA's M). In k order (``PERMUTED_A=False``, the default entry): a tile is one absmax block
   wide, its codes are decoded at once to the table's values in the compute dtype, multiplied
@@ -49,14 +53,15 @@ from .quant_4bit import decode_4bit, nested_absmax_args, nested_args
 
 # Launch configurations by row count: the first entry whose row limit covers the rows is used.
 # (max rows, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, use_dot, permute_a[,
-# programs_per_sm[, prefetch[, rows_in_thread]]]). BLOCK_M rows of A per program (CUDA cores: 1,
-# 2 or 4 rows sharing each decoded code). permute_a: A is copied to [rows, 8, K / 8] first
+# programs_per_sm[, prefetch[, rows_in_thread[, byte_pairs]]]]). BLOCK_M rows of A per program
+# (CUDA cores: 1, 2 or 4 rows sharing each decoded code). permute_a: A is copied to [rows, 8, K / 8] first
 # (float32 for the CUDA-core kernels), so that code j of a tile's words meets a contiguous run of
 # A; otherwise A is read as stored and a tile is decoded in k order (tensor cores: BLOCK_K is
 # capped at the blocksize, so that each row of the tile has one absmax, applied to the dot's
 # result). programs_per_sm: K is split until the grid has that many programs per
 # multiprocessor. prefetch: tiles of W in flight per program (1 or 2). rows_in_thread: every
-# thread holds the same run of K for BLOCK_N rows of W (``_gemv_4bit_rows_kernel``). More rows
+# thread holds the same run of K for BLOCK_N rows of W (``_gemv_4bit_rows_kernel``); byte_pairs:
+# there, one lookup per byte of a 256-entry table of code pairs instead of one per code. More rows
 # than the last entry (or float32 inputs past the CUDA-core entries) decode W and use cuBLAS.
 # Picked by tests/gpu/tune_gemv_4bit.py (NF4, blocksize 64, float32 absmax, bf16, kernel times
 # through CUDA graphs, A's permute included); on an H200 (2026-12-03,
@@ -300,6 +305,7 @@ def _gemv_4bit_rows_kernel(
     PREFETCH: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     INTERPRET: tl.constexpr,
+    BYTE_PAIRS: tl.constexpr = False,
 ):
     # BLOCK_M = 1, 2 or 4 rows of A (permuted to [rows, 8, K / 8] in float32) and BLOCK_N = 2 or 4
     # rows of W in every thread: the rows are separate 1-D tensors of words or of A's runs (one
@@ -332,13 +338,18 @@ def _gemv_4bit_rows_kernel(
     acc1 = _zeros(WORDS, BLOCK_M)
     acc2 = _zeros(WORDS, BLOCK_M)
     acc3 = _zeros(WORDS, BLOCK_M)
+    if BYTE_PAIRS:
+        pair_table = _byte_pair_table(table)
     words_next = _joined_rows(w0 + offs_w, row_stride_words, k_begin // 8, rows_left, 0, BLOCK_N)
     for tile in tl.range(0, tiles, num_stages=NUM_STAGES):
         k0 = k_begin + tile * BLOCK_K
         words = words_next
         ahead = tl.where(tile + 1 < tiles, rows_left, 0)  # nothing to prefetch after the last tile
         words_next = _joined_rows(w0 + offs_w, row_stride_words, (k0 + BLOCK_K) // 8, ahead, 0, BLOCK_N)
-        columns = _columns(_decode_words(words, table, WORDS, BLOCK_N))  # 8 x [WORDS, BLOCK_N]
+        if BYTE_PAIRS:
+            columns = _byte_pair_columns(words, pair_table, WORDS, BLOCK_N)  # 8 x [WORDS, BLOCK_N]
+        else:
+            columns = _columns(_decode_words(words, table, WORDS, BLOCK_N))  # 8 x [WORDS, BLOCK_N]
         part0 = _zeros(WORDS, BLOCK_M)
         part1 = _zeros(WORDS, BLOCK_M)
         part2 = _zeros(WORDS, BLOCK_M)
@@ -530,6 +541,42 @@ def _decode_words(words, table, BLOCK_N: tl.constexpr, WORDS: tl.constexpr):
 
 
 @triton.jit
+def _byte_pair_table(table):
+    """The 256 byte values' two codes as one int64 each: the float32 bits of ``table[b >> 4]`` (the
+    byte's first code, its high nibble) in the low word, of ``table[b & 15]`` in the high word."""
+    b = tl.arange(0, 256)
+    first = tl.gather(table, b >> 4, 0).to(tl.int32, bitcast=True).to(tl.uint32).to(tl.int64)
+    second = tl.gather(table, b & 15, 0).to(tl.int32, bitcast=True).to(tl.int64)
+    return first | (second << 32)
+
+
+@triton.jit
+def _byte_pair_columns(words, pair_table, WORDS: tl.constexpr, ROWS: tl.constexpr):
+    """[WORDS, ROWS] words of 8 codes -> their 8 code columns (float32 values, as ``_columns``
+    of ``_decode_words`` gives them) through one gather of a byte's two codes per byte: half the
+    lookups and index computations of one gather per code."""
+    # [WORDS, ROWS, 2, 2] holds byte 2 i + k at [..., i, k] (a join appends its dimension last)
+    bytes_ = tl.join(tl.join(words & 255, (words >> 16) & 255), tl.join((words >> 8) & 255, (words >> 24) & 255))
+    pairs = tl.reshape(tl.gather(pair_table, tl.reshape(bytes_, [WORDS * ROWS * 4]), 0), [WORDS, ROWS, 2, 2])
+    k0, k1 = tl.split(pairs)  # bytes 2 i, 2 i + 1
+    byte0, byte2 = tl.split(k0)
+    byte1, byte3 = tl.split(k1)
+    c0, c1 = _pair_values(byte0)
+    c2, c3 = _pair_values(byte1)
+    c4, c5 = _pair_values(byte2)
+    c6, c7 = _pair_values(byte3)
+    return c0, c1, c2, c3, c4, c5, c6, c7
+
+
+@triton.jit
+def _pair_values(pair):
+    """int64 table entries -> (first code's value, second code's value), float32."""
+    first = pair.to(tl.int32).to(tl.float32, bitcast=True)  # the low word
+    second = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    return first, second
+
+
+@triton.jit
 def _columns(values):
     """[..., 8] -> the 8 tensors [...] values[..., j], j = 0..7, by in-thread splits."""
     shape: tl.constexpr = values.shape
@@ -612,6 +659,9 @@ class GemvLaunch(KeptLaunch):
         programs_per_sm = rest[0] if rest else 1
         prefetch = rest[1] if len(rest) > 1 else 1
         rows_in_thread = bool(rest[2]) if len(rest) > 2 else False
+        byte_pairs = bool(rest[3]) if len(rest) > 3 else False
+        if byte_pairs and not rows_in_thread:
+            raise ValueError(f"byte-pair decoding is a mode of the kernel with W's rows in each thread; got {config}")
         if prefetch not in (1, 2):
             raise ValueError(f"the gemv kernel keeps 1 or 2 tiles in flight, got prefetch={prefetch}")
         if rows_in_thread and (use_dot or block_m not in (1, 2, 4) or block_n not in (2, 4) or prefetch != 1
@@ -653,6 +703,8 @@ class GemvLaunch(KeptLaunch):
             HAS_BIAS=has_bias,
             INTERPRET=interpreting(),
         )
+        if rows_in_thread:
+            constexprs["BYTE_PAIRS"] = byte_pairs
         kernel = _gemv_4bit_rows_kernel if rows_in_thread else _gemv_4bit_kernel
         super().__init__(kernel, (n_programs, self.split_k, m_programs), constexprs, warps)
 
