@@ -229,3 +229,39 @@ def test_paged_states_stream_through_the_gpu_and_match_unpaged(name):
                 assert torch.equal(value.cpu(), opt_ref.state[ref][key].cpu())
                 on_host = p.numel() >= 100_000
                 assert (value.device.type == "cpu") == on_host and (not on_host or value.is_pinned())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="paged state streaming needs a CUDA GPU")
+@pytest.mark.parametrize("map_location", ["cpu", "cuda"])
+def test_paged_state_dict_resumes_paged_and_bit_identical(map_location):
+    # a loaded state dict holds plain tensors: they go back to pinned host memory, and training
+    # continues exactly as without the save and load
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    shapes = [(1000, 200), (64, 64)]
+    start = [torch.randn(s, generator=gen, device="cuda") for s in shapes]
+    grads = [[torch.randn(s, generator=gen, device="cuda") for s in shapes] for _ in range(4)]
+
+    def run(params, opt, steps):
+        for g in steps:
+            for p, gi in zip(params, g):
+                p.grad = gi.clone()
+            opt.step()
+
+    straight = [torch.nn.Parameter(t.clone()) for t in start]
+    opt = T.PagedAdamW8bit(straight)
+    run(straight, opt, grads)
+    first = [torch.nn.Parameter(t.clone()) for t in start]
+    opt_first = T.PagedAdamW8bit(first)
+    run(first, opt_first, grads[:2])
+    saved = torch.utils._pytree.tree_map(
+        lambda t: t.to(map_location) if isinstance(t, torch.Tensor) else t, opt_first.state_dict()
+    )
+    resumed = [torch.nn.Parameter(p.detach().clone()) for p in first]
+    opt_resumed = T.PagedAdamW8bit(resumed)
+    opt_resumed.load_state_dict(saved)
+    big = opt_resumed.state[resumed[0]]["state1"]
+    assert big.device.type == "cpu" and big.is_pinned() and big.is_paged
+    assert opt_resumed.state[resumed[1]]["state1"].device.type == "cuda"  # small: on the GPU
+    run(resumed, opt_resumed, grads[2:])
+    for a, b in zip(straight, resumed):
+        assert torch.equal(a, b)

@@ -49,7 +49,7 @@ import torch
 
 from .. import functional as F
 from ..codebooks import create_dynamic_map
-from .paging import StatePager
+from .paging import PAGED_KEYS, StatePager
 
 __all__ = ["GlobalOptimManager", "Optimizer8bit", "Optimizer1State", "Optimizer2State", "MockArgs"]
 
@@ -123,6 +123,13 @@ class GlobalOptimManager:
     def register_module_override(self, module, param_name, config):
         """Override ``config`` for ``getattr(module, param_name)`` once an optimizer first steps."""
         self.module_weight_config_triple.append((module, param_name, config))
+
+
+def _paged_buffer(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Mark pinned host tensor ``host`` as the paged state of a parameter on ``device``."""
+    host.is_paged = True
+    host.page_device = device
+    return host
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -303,6 +310,23 @@ class Optimizer8bit(torch.optim.Optimizer):
             saved["params"] = group["params"]
             param_groups.append(saved)
         self.__setstate__({"state": state, "param_groups": param_groups})
+        if self.is_paged:
+            self._page_loaded_states()
+
+    def _page_loaded_states(self):
+        """Put the large loaded states of GPU parameters back into pinned host memory, as
+        ``get_state_buffer`` made them (a loaded state dict holds plain tensors; bitsandbytes
+        leaves them on the GPU, unpaged)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                local = _local(p)
+                if not local.is_cuda or p not in self.state:
+                    continue
+                for key in PAGED_KEYS:
+                    value = self.state[p].get(key)
+                    if type(value) is torch.Tensor and value.numel() >= PAGED_MIN_NUMEL:
+                        host = torch.empty(value.shape, dtype=value.dtype, device="cpu", pin_memory=True)
+                        self.state[p][key] = _paged_buffer(host.copy_(value), local.device)
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -429,10 +453,7 @@ class Optimizer8bit(torch.optim.Optimizer):
             return torch.zeros(shape, dtype=dtype, device=local.device)
         if not self.is_paged or local.numel() < PAGED_MIN_NUMEL:
             return torch.zeros(shape, dtype=dtype, device=local.device)
-        buffer = torch.zeros(shape, dtype=dtype, device="cpu", pin_memory=True)
-        buffer.is_paged = True
-        buffer.page_device = local.device
-        return buffer
+        return _paged_buffer(torch.zeros(shape, dtype=dtype, device="cpu", pin_memory=True), local.device)
 
     def prefetch_state(self, p):
         """bitsandbytes' hint to move ``p``'s paged state towards the GPU ahead of its update. A
