@@ -378,8 +378,8 @@ def _gemv_4bit_rows_kernel(
                 part1 += _times(v1, a_j, BLOCK_M)
                 part2 += _times(v2, a_j, BLOCK_M)
                 part3 += _times(v3, a_j, BLOCK_M)
-        word_blocks = (k0 + 8 * offs_w) // BLOCKSIZE
-        scales = (absmax_ptr, absmax_code_ptr, absmax_scale_ptr, offset, k0 // BLOCKSIZE, word_blocks)
+        word_blocks = _div(k0 + 8 * offs_w, BLOCKSIZE)
+        scales = (absmax_ptr, absmax_code_ptr, absmax_scale_ptr, offset, _div(k0, BLOCKSIZE), word_blocks)
         s1 = s0 + row_stride_blocks
         scale0 = _row_scale(*scales, s0, rows_left > 0, n_left > 0, NESTED, ABSMAX_BLOCKSIZE, ONE_OUTER)
         scale1 = _row_scale(*scales, s1, rows_left > 1, n_left > 1, NESTED, ABSMAX_BLOCKSIZE, ONE_OUTER)
@@ -482,13 +482,24 @@ def _row_scale(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, offset, tile_block
     if NESTED:
         inner = tl.load(absmax_code_ptr + absmax.to(tl.int32))
         if ONE_OUTER:
-            outer = tl.load(absmax_scale_ptr + (row_blocks + tile_block) // ABSMAX_BLOCKSIZE, mask=row_ok, other=0.0)
+            outer = tl.load(absmax_scale_ptr + _div(row_blocks + tile_block, ABSMAX_BLOCKSIZE), mask=row_ok, other=0.0)
             scale = inner * outer + offset
         else:
-            scale = inner * tl.load(absmax_scale_ptr + block // ABSMAX_BLOCKSIZE, mask=mask, other=0.0) + offset
+            scale = inner * tl.load(absmax_scale_ptr + _div(block, ABSMAX_BLOCKSIZE), mask=mask, other=0.0) + offset
     else:
         scale = absmax
     return scale
+
+
+@triton.jit
+def _div(x, D: tl.constexpr):
+    """``x // D`` for non-negative integer ``x``, divided unsigned: a shift for a power of two,
+    where a signed division needs sign fix-ups (a dozen instructions for int64)."""
+    if x.dtype == tl.int64:
+        quotient = (x.to(tl.uint64) // D).to(tl.int64)
+    else:
+        quotient = (x.to(tl.uint32) // D).to(tl.int32)
+    return quotient
 
 
 @triton.jit
