@@ -24,8 +24,11 @@ register gather on the 16-entry table (staged in shared memory by Triton). Three
   same words of 2 or 4 rows of W, so that each value of A it loads serves that many codes. There
   ``byte_pairs`` (a configuration option, off in CONFIGS until timed on a GPU) looks up both
   codes of a byte at once in a 256-entry table of float32 pairs built in the kernel: the same
-  values and sums bit for bit, 16-31% fewer instructions a code by an offline sm_90 compile
-  (``tests/gpu/sass_gemv_4bit.py``), but the 2 KB table is read with bank conflicts.
+  values and sums bit for bit, 16-35% fewer instructions a code by an offline sm_90 compile
+  (``tests/gpu/sass_gemv_4bit.py``). But the 2 KB table is read with bank conflicts: random
+  bytes cost a warp about 5.8 shared-memory wavefronts per lookup (a simulation of 16-lane
+  half-warps over 16 bank pairs), against 1 for each of the two conflict-free lookups of the
+  16-entry table, so it may trade the issue limit for a shared-memory one.
 - Tensor cores (``USE_DOT=True``, up to 16 rows, fp16/bf16), "swap AB" (W's rows fill the
   MMA's M). In k order (``PERMUTED_A=False``, the default entry): a tile is one absmax block
   wide, its codes are decoded at once to the table's values in the compute dtype, multiplied
