@@ -15,9 +15,12 @@ synchronization). ``--skip-guards`` then times as many calls with Dynamo's guard
 (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``), to show what guards cost;
 ``--profile`` then lists the GPU kernels of one more call; ``--cprofile`` runs one more call with
 Python's profiler on inside the compiled steps only and lists where their host time goes.
+``--addresses`` prints, per timed call, where the new static cache's first and last layers' keys
+landed (transformers allocates them during the eager prefill), to tell whether a call's CUDA graph
+recordings follow new cache addresses; ``--gc`` collects garbage before every call.
 
     python tests/gpu/decode_call_cost.py --variant tritonbits [--reuse-cache] [--calls 3] [--skip-guards] [--profile]
-        [--cprofile]
+        [--cprofile] [--addresses] [--gc]
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import argparse
 import contextlib
 import cProfile
 import functools
+import gc
 import io
 import pstats
 import statistics
@@ -107,6 +111,8 @@ def main() -> None:
     parser.add_argument("--skip-guards", action="store_true", help="then as many calls with guard evaluation skipped")
     parser.add_argument("--profile", action="store_true", help="then the GPU kernels of one more call")
     parser.add_argument("--cprofile", action="store_true", help="then host functions in one more call's steps")
+    parser.add_argument("--addresses", action="store_true", help="per call, where the static cache's keys landed")
+    parser.add_argument("--gc", action="store_true", help="gc.collect() before every timed call")
     args = parser.parse_args()
     from torch._inductor import cudagraph_trees
     from transformers.generation import utils as generation_utils
@@ -124,12 +130,15 @@ def main() -> None:
     if "_compiled_call" not in model.__dict__:
         raise SystemExit("generate did not compile the forward (no model._compiled_call): nothing to time per step")
     clock = model._compiled_call = StepClock(model._compiled_call)
+    caches = _tracking_caches() if args.addresses else None
     for skip in (False, True) if args.skip_guards else (False,):
         guards = ", guards skipped" if skip else ""
         print(f"{args.variant} batch {args.batch}, {args.new_tokens} new tokens, cache {mode}{guards}:")
         for _ in range(args.calls):
             totals.clear()
             clock.clear()
+            if args.gc:
+                gc.collect()
             with torch.compiler.set_stance(skip_guard_eval_unsafe=True) if skip else contextlib.nullcontext():
                 seconds, _ = e2e.timed_generate(model, input_ids, kwargs, cache)
             parts = ", ".join(f"{k} {int(v)}" if "calls" in k else f"{k} {v:.4f}" for k, v in sorted(totals.items()))
@@ -137,10 +146,38 @@ def main() -> None:
             print(f"  call {seconds:.3f} s: {parts}; rest {rest:.3f} s ({1e3 * rest / args.new_tokens:.2f} ms a token)",
                   flush=True)  # fmt: skip
             print(f"    {clock.report()}", flush=True)
+            if caches:
+                print(f"    {_cache_addresses(caches[-1])}", flush=True)
     if args.profile:
         _profile_kernels(model, input_ids, kwargs, cache, args.new_tokens)
     if args.cprofile:
         _profile_host(clock, model, input_ids, kwargs, cache)
+
+
+def _tracking_caches() -> list:
+    """A list that every StaticCache made from now on is appended to (its __init__ wrapped)."""
+    from transformers import cache_utils
+
+    made: list = []
+    original = cache_utils.StaticCache.__init__
+
+    @functools.wraps(original)
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        made.append(self)
+        del made[:-2]  # keep the last two: a cache lives as long as its call's outputs
+
+    cache_utils.StaticCache.__init__ = init
+    return made
+
+
+def _cache_addresses(cache) -> str:
+    layers = getattr(cache, "layers", [])
+    if not layers or getattr(layers[0], "keys", None) is None:
+        return "static cache: not allocated"
+    first, last = layers[0], layers[-1]
+    return (f"static cache keys at 0x{first.keys.data_ptr():x} (layer 0), 0x{last.keys.data_ptr():x} "
+            f"(layer {len(layers) - 1}); values 0x{first.values.data_ptr():x}")  # fmt: skip
 
 
 def _profile_host(clock: StepClock, model, input_ids, kwargs, cache) -> None:
