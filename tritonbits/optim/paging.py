@@ -17,8 +17,6 @@ step) see the updated states.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 __all__ = ["PAGED_KEYS", "StatePager"]
@@ -100,13 +98,10 @@ class StatePager:
                 state[key] = host
         self.used.add(device)
 
-    def finish(self) -> Optional[torch.device]:
-        """Wait for every copy-out (host memory is then current); the last device used, if any."""
+    def finish(self) -> None:
+        """Wait for every copy-out (host memory is then current)."""
         for key in list(self.incoming):  # fetched ahead but not updated (no such case in step)
             self.incoming.pop(key)[0].synchronize()
-        last = None
         for device in self.used:
             self.streams[device][1].synchronize()
-            last = device
         self.used.clear()
-        return last
