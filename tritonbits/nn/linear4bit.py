@@ -123,7 +123,7 @@ class Linear4bit(nn.Linear):
         if torch.compiler.is_compiling():
             out = compiled_gemv(self, x, weight, bias)  # decode sizes, traced: few guards
         else:
-            keep_decode_pack(self, weight.quant_state)  # a few comparisons unless the state changed
+            keep_decode_pack(self, weight.quant_state)  # one comparison unless the state changed
             out = planned_matmul_4bit(x, weight, weight.quant_state, bias)  # the eager decode path
         if out is None:
             out = matmul_4bit(x, weight, weight.quant_state, bias=bias)

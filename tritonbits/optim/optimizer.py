@@ -126,8 +126,15 @@ class GlobalOptimManager:
         self.module_weight_config_triple.append((module, param_name, config))
 
 
-def _paged_buffer(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Mark pinned host tensor ``host`` as the paged state of a parameter on ``device``."""
+def _paged_buffer(shape, dtype: torch.dtype, device: torch.device,
+                  values: Optional[torch.Tensor] = None) -> torch.Tensor:  # fmt: skip
+    """A pinned host tensor marked as the paged state of a parameter on ``device``: zeros, or a
+    copy of ``values``."""
+    host = torch.empty(shape, dtype=dtype, device="cpu", pin_memory=True)
+    if values is None:
+        host.zero_()
+    else:
+        host.copy_(values)
     host.is_paged = True
     host.page_device = device
     return host
@@ -326,8 +333,7 @@ class Optimizer8bit(torch.optim.Optimizer):
                 for key in PAGED_KEYS:
                     value = self.state[p].get(key)
                     if type(value) is torch.Tensor and value.numel() >= PAGED_MIN_NUMEL:
-                        host = torch.empty(value.shape, dtype=value.dtype, device="cpu", pin_memory=True)
-                        self.state[p][key] = _paged_buffer(host.copy_(value), local.device)
+                        self.state[p][key] = _paged_buffer(value.shape, value.dtype, local.device, value)
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -454,7 +460,7 @@ class Optimizer8bit(torch.optim.Optimizer):
             return torch.zeros(shape, dtype=dtype, device=local.device)
         if not self.is_paged or local.numel() < PAGED_MIN_NUMEL:
             return torch.zeros(shape, dtype=dtype, device=local.device)
-        return _paged_buffer(torch.zeros(shape, dtype=dtype, device="cpu", pin_memory=True), local.device)
+        return _paged_buffer(shape, dtype, local.device)
 
     def prefetch_state(self, p):
         """bitsandbytes' hint to move ``p``'s paged state towards the GPU ahead of its update. A
