@@ -265,24 +265,28 @@ def _requantize_values(qmap, signed, rng):
     return torch.cat([values, nan, large, -large if signed else large.abs()]).reshape(-1)[:-17].float()
 
 
-@pytest.mark.parametrize("qmap_name", ["dynamic", "unsorted", "crowded"])
+@pytest.mark.parametrize("qmap_name", ["dynamic", "unsorted", "crowded", "zeros"])
 @pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
 def test_requantize_matches_reference(rng, device, signed, qmap_name):
-    # Codes and absmax of the 8-bit states, bit for bit (a NaN absmax equal to NaN).
-    if qmap_name == "dynamic":
-        qmap = create_dynamic_map(signed=signed)
-    elif qmap_name == "unsorted":
+    # Codes and absmax of the 8-bit states, bit for bit (a NaN absmax equal to NaN), through the
+    # sign rules' rank comparisons (sorted qmaps) and through their table (the others).
+    qmap = create_dynamic_map(signed=signed)
+    if qmap_name == "unsorted":
         qmap = torch.rand(256, generator=rng) * (2 if signed else 1) - (1 if signed else 0)
         qmap[0] = 0.0
-    else:
-        qmap = create_dynamic_map(signed=signed)
+    elif qmap_name == "crowded":
         qmap[200:230] = qmap[200] + torch.arange(30) * 2.0**-24  # equal and near-equal entries
+    elif qmap_name == "zeros":  # several zero entries; signed: a -0.0 between two +0.0
+        zero = int((qmap == 0).nonzero()[0])
+        qmap[zero : zero + 3] = torch.tensor([0.0, -0.0, 0.0])
     values = _requantize_values(qmap, signed, rng)
     n = values.numel()
     codes, absmax = torch.empty(n, dtype=torch.uint8), torch.empty(-(n // -256))
     torch_optim._requantize(values, codes, absmax, qmap, signed)
 
     _, tables = triton_optim._search_tables(qmap, torch.device(device), signed)
+    arithmetic = qmap_name in ("dynamic", "crowded") or (qmap_name == "zeros" and not signed)
+    assert int(tables[triton_optim.SPARE_WORD]) == arithmetic
     ours_codes = torch.empty(n, dtype=torch.uint8, device=device)
     ours_absmax = torch.empty(absmax.shape, device=device)
     _requantize_kernel[(triton.cdiv(absmax.numel(), 4),)](

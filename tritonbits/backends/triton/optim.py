@@ -46,7 +46,7 @@ from torch import Tensor
 from ..._ops import num_blocks
 from ..torch import optim as reference
 from . import cast_rtne, interpreting
-from .quant_blockwise import ORDER_WORD, _max_keep_nan, final_codes, nearest_rank, search_tables
+from .quant_blockwise import ORDER_WORD, SPARE_WORD, _max_keep_nan, final_codes, nearest_rank, search_tables
 
 # Rule ids (constexpr): lamb and lars are adam and momentum with a trust ratio.
 ADAM, MOMENTUM, RMSPROP, ADAGRAD, LION, ADEMAMIX = 0, 1, 2, 3, 4, 5
@@ -86,6 +86,9 @@ _WARPS_8BIT = 2
 _MULTI_MAX_NUMEL = 1 << 20
 _TABLE_ROWS = 8  # tile offsets, numel, g, p, state1, state2, absmax1, absmax2
 _FLOAT32_TINY = 1.1754943508222875e-38
+# Search-table words (quant_blockwise's spare ones) of the sign rules' arithmetic form: a flag,
+# then the rank bounds it needs (see _search_tables).
+_RULE_WORD = tl.constexpr(SPARE_WORD)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,11 +210,23 @@ def _requantize(values, codes_ptr, absmax_ptr, tables_ptr, offsets, mask, blocks
     # The case of the value (not of scaled, which can underflow to 0), as the table's row: 0 +0.0
     # or NaN, 1 sign bit set, 2 > 0. Only > 0 matters to the unsigned rule.
     bits = values.to(tl.int32, bitcast=True)
-    if SIGNED:
-        row = ((bits >> 23) & 256) | tl.where(values > 0, 512, 0)
+    if tl.load(tables_ptr + _RULE_WORD) != 0:
+        # Sorted qmap (code = rank) whose rules reduce to comparisons of the rank with bounds:
+        # no table gather, which touches up to 6 cache lines a warp (uniform branch per program).
+        lo = tl.load(tables_ptr + _RULE_WORD + 1)
+        if SIGNED:  # lo: ranks below it hold the entries with the sign bit set
+            below = (rank < lo).to(tl.int32)
+            code = tl.where(values > 0, rank + below, tl.where(bits < 0, rank - (1 - below), rank - below))
+        else:  # entries equal to 0 at ranks lo .. hi - 1
+            hi = tl.load(tables_ptr + _RULE_WORD + 2)
+            code = tl.where((values > 0) & (rank >= lo) & (rank < hi), rank + 1, rank)
+        code = code.to(tl.uint8)  # wraps modulo 256, as the table does
     else:
-        row = tl.where(values > 0, 512, 0)
-    code = tl.load(final_codes(tables_ptr) + (row | rank))
+        if SIGNED:
+            row = ((bits >> 23) & 256) | tl.where(values > 0, 512, 0)
+        else:
+            row = tl.where(values > 0, 512, 0)
+        code = tl.load(final_codes(tables_ptr) + (row | rank))
     if EVEN:
         tl.store(codes_ptr + offsets, code)
     else:
@@ -479,6 +494,20 @@ def _search_tables(qmap: Tensor, device: torch.device, signed: bool) -> tuple[Te
         final = torch.stack([order, order, order + (sorted_values == 0).long()])
     # int64 -> uint8 wraps modulo 256, as the reference's index.to(torch.uint8) does.
     search.view(torch.uint8)[4 * ORDER_WORD : 4 * ORDER_WORD + 768] = final.reshape(-1).to(torch.uint8)
+    # The same rules as rank comparisons, for a sorted qmap (order is the identity): signed, when
+    # the entries with the sign bit set are the first ``lo`` (a -0.0 after a +0.0 breaks that);
+    # unsigned always (entries equal to 0 are consecutive). Set on the device: no synchronization.
+    ranks = torch.arange(values.numel(), device=device)
+    identity = (order == ranks).all()
+    if signed:
+        lo = negative.sum()
+        usable = identity & (negative == (ranks < lo).long()).all()
+        rule = torch.stack([usable.long(), lo, lo])
+    else:
+        zero = (sorted_values == 0).long()
+        lo = torch.where(zero.any(), torch.argmax(zero), 0)
+        rule = torch.stack([identity.long(), lo, lo + zero.sum()])
+    search[SPARE_WORD : SPARE_WORD + 3] = rule.to(torch.int32)
     tables = (values, search)
     if len(_TABLE_CACHE) > 64:
         _TABLE_CACHE.clear()
