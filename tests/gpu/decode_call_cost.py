@@ -34,6 +34,7 @@ import io
 import pstats
 import statistics
 import time
+import weakref
 from collections import defaultdict
 
 import torch
@@ -65,6 +66,7 @@ class StepClock:
     def __init__(self, inner):
         self.inner = inner
         self.profiler: cProfile.Profile | None = None  # on only inside the calls, when set
+        self.on_first_step = None  # called at a call's first step (while its cache is alive)
         self.clear()
 
     def clear(self) -> None:
@@ -72,8 +74,11 @@ class StepClock:
         self.between: list[float] = []
         self.events: list[tuple] = []
         self.last_return = None
+        self.first_step_note = None
 
     def __call__(self, *args, **kwargs):
+        if self.on_first_step is not None and not self.inside:
+            self.first_step_note = self.on_first_step()
         before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start = time.perf_counter()
         if self.last_return is not None:
@@ -131,6 +136,8 @@ def main() -> None:
         raise SystemExit("generate did not compile the forward (no model._compiled_call): nothing to time per step")
     clock = model._compiled_call = StepClock(model._compiled_call)
     caches = _tracking_caches() if args.addresses else None
+    if caches is not None:
+        clock.on_first_step = lambda: _cache_addresses(caches[-1]()) if caches and caches[-1]() else "no static cache"
     for skip in (False, True) if args.skip_guards else (False,):
         guards = ", guards skipped" if skip else ""
         print(f"{args.variant} batch {args.batch}, {args.new_tokens} new tokens, cache {mode}{guards}:")
@@ -146,8 +153,9 @@ def main() -> None:
             print(f"  call {seconds:.3f} s: {parts}; rest {rest:.3f} s ({1e3 * rest / args.new_tokens:.2f} ms a token)",
                   flush=True)  # fmt: skip
             print(f"    {clock.report()}", flush=True)
-            if caches:
-                print(f"    {_cache_addresses(caches[-1])}", flush=True)
+            if caches is not None:
+                freed = "freed" if not caches or caches[-1]() is None else "still alive"
+                print(f"    {clock.first_step_note} ({freed} after the call)", flush=True)
     if args.profile:
         _profile_kernels(model, input_ids, kwargs, cache, args.new_tokens)
     if args.cprofile:
@@ -155,7 +163,11 @@ def main() -> None:
 
 
 def _tracking_caches() -> list:
-    """A list that every StaticCache made from now on is appended to (its __init__ wrapped)."""
+    """A list of weak references to every StaticCache made from now on (its __init__ wrapped).
+
+    Weak, so that tracking does not keep an old cache alive while the next call allocates its
+    own (which would move the new one's addresses and cause the recordings it is meant to show).
+    """
     from transformers import cache_utils
 
     made: list = []
@@ -164,8 +176,8 @@ def _tracking_caches() -> list:
     @functools.wraps(original)
     def init(self, *args, **kwargs):
         original(self, *args, **kwargs)
-        made.append(self)
-        del made[:-2]  # keep the last two: a cache lives as long as its call's outputs
+        made.append(weakref.ref(self))
+        del made[:-1]
 
     cache_utils.StaticCache.__init__ = init
     return made
