@@ -399,6 +399,8 @@ def decode_run(model, mode: str, batch: int, args, compile_config) -> dict:
     seconds, recordings, output = [], [], None
     for _ in range(repeats):
         counts: list = []
+        if getattr(args, "gc", False):
+            gc.collect()  # outside the timing: every call then starts from the same allocator state
         with _counting_recordings(counts):
             elapsed, output = timed_generate(model, input_ids, kwargs, cache)
         seconds.append(elapsed)
@@ -492,7 +494,8 @@ def format_decode_line(variant: str, record: dict) -> str:
             extra += f", CUDA graphs recorded in the timed calls: {record['cudagraph_recordings']}"
         extra += "" if record["compiled"] else ", NOT compiled"
     peak = f", peak {record['peak_GB']:.1f} GB" if record.get("peak_GB") is not None else ""
-    return (f"{head} {record['tokens_per_s']:9.1f} tok/s  ({record['seconds']:.3f} s a call, warm-up {warm} s"
+    calls = "/".join(f"{s:.3f}" for s in record.get("seconds_all", ()))
+    return (f"{head} {record['tokens_per_s']:9.1f} tok/s  ({record['seconds']:.3f} s a call [{calls}], warm-up {warm} s"
             f"{peak}{extra})")  # fmt: skip
 
 
@@ -674,6 +677,7 @@ def settings(args, compile_config) -> dict:
             if compile_config is None else {k: str(v) for k, v in compile_config.to_dict().items()},
             "tokens_per_s": "batch * new_tokens / seconds of one generate call (prefill included)",
             "eager": bool(args.eager), "reused_cache": bool(args.reused_cache),
+            "gc_before_timed_calls": bool(getattr(args, "gc", False)),
             "compile_timeout_s": args.compile_timeout,
         },  # fmt: skip
         "train": {
@@ -698,7 +702,8 @@ def render(doc: dict) -> str:
     lines = [f"{doc['device']['name']}, {doc['date']}; {versions}"]
     dec = doc["settings"]["decode"]
     lines.append(f"decode: static KV cache + compile, prompt {dec['prompt_len']}, {dec['new_tokens']} new tokens, "
-                 f"median of {dec['timed_calls']} after {dec['warmup_calls']} warm-ups")  # fmt: skip
+                 f"median of {dec['timed_calls']} after {dec['warmup_calls']} warm-ups"
+                 + (", gc.collect() before each timed call" if dec.get("gc_before_timed_calls") else ""))  # fmt: skip
     header = ("variant", "mode", "batch", "tok/s", "s/call", "vs bnb", "vs bf16", "weights GB", "peak GB", "graphs",
               "breaks", "status")  # fmt: skip
     rows = []
@@ -803,6 +808,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=None, help="timed generate calls (default 3; smoke 1)")
     parser.add_argument("--reused-cache", action="store_true",
                         help="also decode with one kept StaticCache per batch size (mode 'reused')")
+    parser.add_argument("--gc", action="store_true", help="gc.collect() before every timed generate call (untimed)")
     parser.add_argument("--eager", action="store_true", help="also decode without static cache or compile (slow)")
     parser.add_argument("--fullgraph", action="store_true", help="compile with fullgraph=True (fail on graph breaks)")
     parser.add_argument("--compile-backend", default=None,
