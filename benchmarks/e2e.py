@@ -416,6 +416,9 @@ def decode_run(model, mode: str, batch: int, args, compile_config) -> dict:
         seconds=median,
         seconds_all=seconds,
         cudagraph_recordings=recordings,  # per timed call: CUDA graphs recorded inside it
+        # median of the timed calls that recorded none (None if every call recorded one)
+        seconds_without_recordings=statistics.median(clean) if (clean := [
+            s for s, r in zip(seconds, recordings) if r == 0]) else None,  # fmt: skip
         ms_per_step=1e3 * median / args.new_tokens,
         peak_GB=_peak_GB(device),
         new_tokens=output[:, args.prompt_len :].cpu().tolist(),
@@ -492,6 +495,10 @@ def format_decode_line(variant: str, record: dict) -> str:
         extra += ", RECOMPILED while timed" if record["recompiled_while_timed"] else ""
         if any(record.get("cudagraph_recordings", ())):
             extra += f", CUDA graphs recorded in the timed calls: {record['cudagraph_recordings']}"
+            clean = record.get("seconds_without_recordings")
+            if clean:
+                tokens = record["tokens_per_s"] * record["seconds"]
+                extra += f" (calls without: {clean:.3f} s, {tokens / clean:.1f} tok/s)"
         extra += "" if record["compiled"] else ", NOT compiled"
     peak = f", peak {record['peak_GB']:.1f} GB" if record.get("peak_GB") is not None else ""
     calls = "/".join(f"{s:.3f}" for s in record.get("seconds_all", ()))

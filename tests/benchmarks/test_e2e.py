@@ -144,6 +144,17 @@ def test_recordings_are_counted_per_block(monkeypatch):
     assert len(counts) == 2 and calls == [("f", 3), ("g", 4), ("h", 5)]
 
 
+def test_decode_line_shows_calls_and_the_calls_without_recordings():
+    record = {"mode": "static", "batch": 1, "status": "ok", "warmup_s": [20.0, 0.5], "graphs": 1, "graph_breaks": 0,
+              "recompiled_while_timed": False, "compiled": True, "tokens_per_s": 64 / 0.5, "seconds": 0.5,
+              "seconds_all": [0.4, 0.5, 0.6], "cudagraph_recordings": [0, 1, 1], "seconds_without_recordings": 0.4}  # fmt: skip
+    line = e2e.format_decode_line("tritonbits", record)
+    assert "[0.400/0.500/0.600]" in line and "recorded in the timed calls: [0, 1, 1]" in line
+    assert "calls without: 0.400 s, 160.0 tok/s" in line
+    record.update(cudagraph_recordings=[0, 0, 0])
+    assert "calls without" not in e2e.format_decode_line("tritonbits", record)
+
+
 def test_summary_checks_the_issue_targets():
     doc = made_up_document()
     targets = {t["target"]: t for t in doc["summary"]["targets"]}
