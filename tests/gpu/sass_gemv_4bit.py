@@ -29,7 +29,7 @@ def compile_rows(block_n=4, block_k=1024, warps=4, nested=True, byte_pairs=False
     """The compiled one-row kernel (A read as stored, no split of K) for these constexprs."""
     kernel = kernels._gemv_4bit_rows_kernel
     names = kernel.arg_names
-    pointers = {"a_ptr": f"*{dtype}", "w_ptr": "*i32", "absmax_ptr": "*u8" if nested else "*fp32",
+    pointers = {"a_ptr": f"*{dtype}", "w_ptr": "*i32", "partial_ptr": "*fp32", "count_ptr": "*i32", "absmax_ptr": "*u8" if nested else "*fp32",
                 "absmax_code_ptr": "*fp32", "absmax_scale_ptr": "*fp32", "offset_ptr": "*fp32", "code_ptr": "*fp32",
                 "bias_ptr": f"*{dtype}", "out_ptr": f"*{dtype}"}  # fmt: skip
     constexprs = dict(BLOCKSIZE=64, NESTED=nested, ABSMAX_BLOCKSIZE=256, BLOCK_M=1, BLOCK_N=block_n, BLOCK_K=block_k,

@@ -58,6 +58,9 @@ def candidates(rows: int) -> list[tuple]:
     # tensor cores in k order, one dot per tile of one absmax block (BLOCK_K is capped at the blocksize)
     for bn, w, pps in itertools.product((64, 128, 256), (4, 8), (2, 4)):
         out.append((16, bn, 64, w, 3, True, False, pps))
+    # the same with the K-splits reduced by the last split in the launch (no zero fill or conversion launch)
+    for bn, w, pps in itertools.product((64, 128), (4, 8), (2, 4, 8)):
+        out.append((16, bn, 64, w, 3, True, False, pps, 1, False, False, True))
     for bn, w in itertools.product((64, 128), (4, 8)):  # two tiles in flight by hand, no pipeliner stages
         out.append((16, bn, 64, w, 1, True, False, 4, 2))
     return out

@@ -105,6 +105,50 @@ def test_every_kernel_variant(device, launcher, rng, config, rows, nested):
     assert (out.float() - expected.float()).abs().max().item() <= 2 * torch.finfo(a.dtype).eps * scale
 
 
+@pytest.mark.parametrize("rows", [3, 16])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+def test_split_k_reduced_by_the_last_split(device, rng, rows, with_bias):
+    """Tensor cores with reduce_last: the K-splits' partial tiles summed in split order by the
+    last to arrive, in one launch. Within the dtype's rounding of the reference, the same output
+    on every launch (the arrival counts go back to 0), and equal to the atomic-add variant's up
+    to the order of its float32 additions."""
+    from tritonbits._ops import REFERENCES
+    from tritonbits.backends.triton.gemv_4bit import GemvLaunch, _as_words
+
+    N, K = 40, 4096  # N: two programs of 32 rows of W, the second partial
+    packed, state = F.quantize_4bit(torch.randn(N, K, generator=rng).to(device), compress_statistics=False)
+    a = torch.randn(rows, K, generator=rng).to(device=device, dtype=torch.bfloat16)
+    bias = torch.randn(N, generator=rng).to(device=device, dtype=torch.bfloat16) if with_bias else None
+    expected = REFERENCES["gemv_4bit"](a, packed, [N, K], state.absmax, state.code, 64).float()
+    if with_bias:
+        expected += bias.float()
+    launches = {
+        reduce_last: GemvLaunch(rows, N, K, a.dtype, a.device, _as_words(packed), state.absmax, None, state.code, 64,
+                                (16, 32, 64, 4, 1, True, False, 64, 1, False, False, reduce_last), has_bias=with_bias)
+        for reduce_last in (False, True)
+    }  # fmt: skip
+    launch = launches[True]
+    assert launch.split_k > 1 and launch.reduce_last and not launches[False].reduce_last
+    out = launch.launch(a, bias)
+    assert out.dtype == a.dtype and out.shape == (rows, N)
+    scale = expected.abs().max().item()
+    assert (out.float() - expected).abs().max().item() <= 2 * torch.finfo(a.dtype).eps * scale
+    assert int(launch.counts.abs().sum()) == 0
+    again = launch.launch(a, bias)
+    assert torch.equal(again, out)
+    atomic = launches[False].launch(a, bias)
+    assert (atomic.float() - out.float()).abs().max().item() <= torch.finfo(a.dtype).eps * scale
+
+
+def test_reduce_last_needs_tensor_cores(device, rng):
+    from tritonbits.backends.triton.gemv_4bit import GemvLaunch, _as_words
+
+    packed, state = F.quantize_4bit(torch.randn(8, 256, generator=rng).to(device), compress_statistics=False)
+    with pytest.raises(ValueError, match="tensor-core kernel"):
+        GemvLaunch(1, 8, 256, torch.bfloat16, packed.device, _as_words(packed), state.absmax, None, state.code, 64,
+                   (1, 4, 256, 4, 1, False, True, 1, 1, False, False, True))  # fmt: skip
+
+
 @pytest.mark.parametrize("absmax_blocksize", [2, 4, 256])
 @pytest.mark.parametrize("permute_a", [True, False], ids=["permuted", "as-stored"])
 def test_rows_kernel_nested_outer_scales(device, rng, absmax_blocksize, permute_a):

@@ -9,8 +9,10 @@ quarter of bf16's bytes. The dense weight is never written.
 
 Each program owns BLOCK_N rows of W and walks K in tiles of BLOCK_N x BLOCK_K codes, read as
 32-bit words of 8 codes (16-byte loads), the next tile requested before the current one is
-decoded; K is split across SPLIT_K programs (partial sums meeting through float32 atomic adds)
-when N alone gives too few programs. With A permuted to [rows, 8, K / 8], code j of a word
+decoded; K is split across SPLIT_K programs when N alone gives too few programs: their partial
+sums meet through float32 atomic adds into a zeroed output (converted after: three launches), or,
+with the tensor cores' ``reduce_last`` option (off in CONFIGS until timed on a GPU), in the one
+launch: the last split to arrive sums the others' partial tiles in split order. With A permuted to [rows, 8, K / 8], code j of a word
 (k = 8 w + j) meets a contiguous run of A, so the codes are never interleaved back into k
 order; otherwise a tile's codes are decoded at once in k order. Code values come from a
 register gather on the 16-entry table (staged in shared memory by Triton). Three variants:
@@ -56,7 +58,7 @@ from .quant_4bit import decode_4bit, nested_absmax_args, nested_args
 
 # Launch configurations by row count: the first entry whose row limit covers the rows is used.
 # (max rows, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, use_dot, permute_a[,
-# programs_per_sm[, prefetch[, rows_in_thread[, byte_pairs]]]]). BLOCK_M rows of A per program
+# programs_per_sm[, prefetch[, rows_in_thread[, byte_pairs[, reduce_last]]]]]). BLOCK_M rows of A per program
 # (CUDA cores: 1, 2 or 4 rows sharing each decoded code). permute_a: A is copied to [rows, 8, K / 8] first
 # (float32 for the CUDA-core kernels), so that code j of a tile's words meets a contiguous run of
 # A; otherwise A is read as stored and a tile is decoded in k order (tensor cores: BLOCK_K is
@@ -64,7 +66,10 @@ from .quant_4bit import decode_4bit, nested_absmax_args, nested_args
 # result). programs_per_sm: K is split until the grid has that many programs per
 # multiprocessor. prefetch: tiles of W in flight per program (1 or 2). rows_in_thread: every
 # thread holds the same run of K for BLOCK_N rows of W (``_gemv_4bit_rows_kernel``); byte_pairs:
-# there, one lookup per byte of a 256-entry table of code pairs instead of one per code. More rows
+# there, one lookup per byte of a 256-entry table of code pairs instead of one per code;
+# reduce_last (tensor cores): the K-splits' partial tiles summed by the last split to arrive, in
+# the one launch, instead of atomic adds into a zeroed float32 output converted after (two more
+# launches). More rows
 # than the last entry (or float32 inputs past the CUDA-core entries) decode W and use cuBLAS.
 # Picked by tests/gpu/tune_gemv_4bit.py (NF4, blocksize 64, float32 absmax, bf16, kernel times
 # through CUDA graphs, A's permute included); on an H200 (2026-12-03,
@@ -102,6 +107,8 @@ def _gemv_4bit_kernel(
     code_ptr,
     bias_ptr,
     out_ptr,
+    partial_ptr,
+    count_ptr,
     M,
     N,
     K,
@@ -122,6 +129,7 @@ def _gemv_4bit_kernel(
     PREFETCH: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     INTERPRET: tl.constexpr,
+    REDUCE_LAST: tl.constexpr = False,
 ):
     # W is read as 32-bit words, 8 codes each (k = 8 w + j, little-endian bytes, high nibble
     # first). The launcher guarantees K % BLOCK_K == 0, so only rows are masked and the word
@@ -266,7 +274,12 @@ def _gemv_4bit_kernel(
         bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
     if USE_DOT:
         out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-        _write(out_ptrs, tl.trans(acc) + bias[None, :], mask_m[:, None] & mask_n[None, :], SPLIT_K)
+        mask = mask_m[:, None] & mask_n[None, :]
+        if REDUCE_LAST and SPLIT_K > 1:
+            _reduce_last(out_ptrs, tl.trans(acc) + bias[None, :], mask, partial_ptr, count_ptr, offs_m, offs_n, M, N,
+                         pid_k, tl.program_id(2) * tl.num_programs(0) + pid_n, SPLIT_K, INTERPRET)  # fmt: skip
+        else:
+            _write(out_ptrs, tl.trans(acc) + bias[None, :], mask, SPLIT_K)
     else:
         out_row = out_ptr + row0.to(tl.int64) * stride_om + offs_n
         _write(out_row, tl.sum(acc0, axis=1) + bias, mask_n, SPLIT_K)
@@ -288,6 +301,8 @@ def _gemv_4bit_rows_kernel(
     code_ptr,
     bias_ptr,
     out_ptr,
+    partial_ptr,
+    count_ptr,
     M,
     N,
     K,
@@ -614,6 +629,25 @@ def _write(ptrs, result, mask, SPLIT_K: tl.constexpr):
         tl.atomic_add(ptrs, result, mask=mask)
 
 
+@triton.jit
+def _reduce_last(out_ptrs, result, mask, partial_ptr, count_ptr, offs_m, offs_n, M, N, pid_k, tile,
+                 SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
+    """Split-K without a zeroed float32 output: each split stores its partial tile to
+    ``partial_ptr`` [SPLIT_K, M, N] and counts itself in ``count_ptr[tile]``; the split that
+    arrives last sums the partials in split order (deterministic, unlike atomic adds), rounds
+    once to the output's dtype, stores, and sets the count back to 0 for the next launch."""
+    offsets = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+    tl.store(partial_ptr + pid_k.to(tl.int64) * M * N + offsets, result, mask=mask)
+    tl.debug_barrier()  # every thread's partial stores precede the releasing count
+    arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    if arrived == SPLIT_K - 1:
+        total = tl.zeros(result.shape, dtype=tl.float32)
+        for split in tl.static_range(SPLIT_K):
+            total += tl.load(partial_ptr + split * M * N + offsets, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.store(out_ptrs, cast_rtne(total, out_ptrs.dtype.element_ty, INTERPRET), mask=mask)
+        tl.atomic_xchg(count_ptr + tile, 0)
+
+
 @lru_cache(maxsize=None)
 def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
@@ -674,6 +708,9 @@ class GemvLaunch(KeptLaunch):
         prefetch = rest[1] if len(rest) > 1 else 1
         rows_in_thread = bool(rest[2]) if len(rest) > 2 else False
         byte_pairs = bool(rest[3]) if len(rest) > 3 else False
+        reduce_last = bool(rest[4]) if len(rest) > 4 else False
+        if reduce_last and not use_dot:
+            raise ValueError(f"the last split's reduction is a mode of the tensor-core kernel; got {config}")
         if byte_pairs and not rows_in_thread:
             raise ValueError(f"byte-pair decoding is a mode of the kernel with W's rows in each thread; got {config}")
         if prefetch not in (1, 2):
@@ -699,6 +736,15 @@ class GemvLaunch(KeptLaunch):
         n_programs = triton.cdiv(N, block_n)
         m_programs = triton.cdiv(rows, block_m)
         self.split_k = _split_k(n_programs * m_programs, K, block_k, device, programs_per_sm)
+        # Split-K reduced by the last split (one launch: no zeroed float32 output, no conversion
+        # after): its partial tiles and per-tile arrival counts, kept with the launch, so calls
+        # must not overlap (one stream at a time).
+        self.reduce_last = reduce_last and self.split_k > 1
+        if self.reduce_last:
+            self.partials = torch.empty(self.split_k * rows * N, device=device, dtype=torch.float32)
+            self.counts = torch.zeros(n_programs * m_programs, device=device, dtype=torch.int32)
+        else:
+            self.partials = self.counts = words  # unused
         self.rows, self.N, self.K, self.dtype, self.device = rows, N, K, dtype, device
         self.pairs_of_a = rows_in_thread and not permute_a  # one row of A, read as 32-bit pairs
         self.weight_args = (words, absmax, absmax_code, absmax_scale, offset, code)
@@ -719,6 +765,8 @@ class GemvLaunch(KeptLaunch):
         )
         if rows_in_thread:
             constexprs["BYTE_PAIRS"] = byte_pairs
+        else:
+            constexprs["REDUCE_LAST"] = self.reduce_last
         kernel = _gemv_4bit_rows_kernel if rows_in_thread else _gemv_4bit_kernel
         super().__init__(kernel, (n_programs, self.split_k, m_programs), constexprs, warps)
 
@@ -740,17 +788,18 @@ class GemvLaunch(KeptLaunch):
         elif a2d.stride(1) != 1 or (self.pairs_of_a and (a2d.data_ptr() % 4 or a2d.stride(0) % 2)):
             # (A read as 32-bit pairs: every row must start 4-byte aligned; a new buffer is)
             a2d = a2d.clone(memory_format=torch.contiguous_format)
-        if self.split_k == 1:
-            out = torch.empty(self.rows, self.N, device=self.device, dtype=self.dtype)
-        else:
+        atomic = self.split_k != 1 and not self.reduce_last
+        if atomic:
             out = torch.zeros(self.rows, self.N, device=self.device, dtype=torch.float32)
+        else:
+            out = torch.empty(self.rows, self.N, device=self.device, dtype=self.dtype)
         if bias is not None and bias.stride(0) != 1:
             bias = bias.contiguous()
-        args = (a2d, *self.weight_args, out if bias is None else bias, out, self.rows, self.N, self.K, self.K // 8,
-                self.K // self.constexprs["BLOCKSIZE"], a2d.stride(0), out.stride(0))  # fmt: skip
+        args = (a2d, *self.weight_args, out if bias is None else bias, out, self.partials, self.counts, self.rows,
+                self.N, self.K, self.K // 8, self.K // self.constexprs["BLOCKSIZE"], a2d.stride(0), out.stride(0))  # fmt: skip
         spec = (a2d.data_ptr() % 16 == 0, a2d.stride(0), bias is None or bias.data_ptr() % 16 == 0)
         self._run(args, spec=spec)
-        if self.split_k != 1:
+        if atomic:
             out = out.to(self.dtype)
         return out.reshape(*A.shape[:-1], self.N)
 
