@@ -637,13 +637,14 @@ def _reduce_last(out_ptrs, result, mask, partial_ptr, count_ptr, offs_m, offs_n,
     arrives last sums the partials in split order (deterministic, unlike atomic adds), rounds
     once to the output's dtype, stores, and sets the count back to 0 for the next launch."""
     offsets = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-    tl.store(partial_ptr + pid_k.to(tl.int64) * M * N + offsets, result, mask=mask)
+    plane = M.to(tl.int64) * N  # one split's partial tile lies in partial_ptr[split]: [M, N]
+    tl.store(partial_ptr + pid_k * plane + offsets, result, mask=mask)
     tl.debug_barrier()  # every thread's partial stores precede the releasing count
     arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
     if arrived == SPLIT_K - 1:
         total = tl.zeros(result.shape, dtype=tl.float32)
         for split in tl.static_range(SPLIT_K):
-            total += tl.load(partial_ptr + split * M * N + offsets, mask=mask, other=0.0, cache_modifier=".cg")
+            total += tl.load(partial_ptr + split * plane + offsets, mask=mask, other=0.0, cache_modifier=".cg")
         tl.store(out_ptrs, cast_rtne(total, out_ptrs.dtype.element_ty, INTERPRET), mask=mask)
         tl.atomic_xchg(count_ptr + tile, 0)
 
