@@ -12,9 +12,9 @@ Each program owns BLOCK_N rows of W and walks K in tiles of BLOCK_N x BLOCK_K co
 decoded; K is split across SPLIT_K programs when N alone gives too few programs: their partial
 sums meet through float32 atomic adds into a zeroed output (converted after: three launches), or,
 with the tensor cores' ``reduce_last`` option (off in CONFIGS until timed on a GPU), in the one
-launch: the last split to arrive sums the others' partial tiles in split order. With A permuted to [rows, 8, K / 8], code j of a word
-(k = 8 w + j) meets a contiguous run of A, so the codes are never interleaved back into k
-order; otherwise a tile's codes are decoded at once in k order. Code values come from a
+launch: the last split to arrive sums the others' partial tiles in split order. With A permuted
+to [rows, 8, K / 8], code j of a word (k = 8 w + j) meets a contiguous run of A, so the codes are
+never interleaved back into k order; otherwise a tile's codes are decoded at once in k order. Code values come from a
 register gather on the 16-entry table (staged in shared memory by Triton). Three variants:
 
 - CUDA cores (``USE_DOT=False``, 1, 2 or 4 rows of A per program, each decoded code serving

@@ -46,7 +46,15 @@ from torch import Tensor
 from ..._ops import num_blocks
 from ..torch import optim as reference
 from . import cast_rtne, interpreting
-from .quant_blockwise import ORDER_WORD, SPARE_WORD, _max_keep_nan, final_codes, nearest_rank, search_tables
+from .quant_blockwise import (
+    ORDER_WORD,
+    SORTED_WORD,
+    SPARE_WORD,
+    _max_keep_nan,
+    final_codes,
+    nearest_rank,
+    search_tables,
+)
 
 # Rule ids (constexpr): lamb and lars are adam and momentum with a trust ratio.
 ADAM, MOMENTUM, RMSPROP, ADAGRAD, LION, ADEMAMIX = 0, 1, 2, 3, 4, 5
@@ -498,7 +506,7 @@ def _search_tables(qmap: Tensor, device: torch.device, signed: bool) -> tuple[Te
     # the entries with the sign bit set are the first ``lo`` (a -0.0 after a +0.0 breaks that);
     # unsigned always (entries equal to 0 are consecutive). Set on the device: no synchronization.
     ranks = torch.arange(values.numel(), device=device)
-    identity = (order == ranks).all()
+    identity = search[SORTED_WORD] != 0  # the flag search_tables set: the qmap is sorted
     if signed:
         lo = negative.sum()
         usable = identity & (negative == (ranks < lo).long()).all()

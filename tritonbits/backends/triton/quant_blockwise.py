@@ -72,6 +72,7 @@ _CODE_SIZE = 256
 # Layout of the search tables, in int32 words (jit functions read the constexpr copies: the
 # only kind of global Triton 3.6 lets them read).
 GROUPS_WORD = 0  # 512 group entries, then two flags: some group is crowded; order is identity
+SORTED_WORD = GROUPS_WORD + 513  # the second flag: 1 when the code is sorted (rank = code index)
 SPARE_WORD = 514  # 30 words a caller may use (0 as built): the optimizer's sign rule parameters
 MIDPOINTS_WORD = 544  # 256 float32: the sorted midpoints, +inf at 255
 ORDER_WORD = 800  # 768 bytes: code index by rank, up to 3 cases of 256 (quantize: 1, order)
