@@ -107,6 +107,21 @@ def test_global_memory_table_variant(launcher, reference, rng, device, monkeypat
 
 
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
+def test_split_table_variant(launcher, reference, rng, device, monkeypatch, quant_type):
+    """Thresholds and code pairs gathered from two shared-memory tables: the same bytes, also on
+    the thresholds themselves, signed zeros and an all-zero block."""
+    from tritonbits.backends.triton import quant_4bit as kernels
+
+    monkeypatch.setattr(kernels, "_SHARED_TABLE", True)
+    monkeypatch.setattr(kernels, "_SPLIT_TABLE", True)
+    _check_roundtrip(launcher, reference, _random((40, 96), torch.bfloat16, rng, device), 64, quant_type)
+    thresholds = _thresholds(quant_type).to(device)
+    tiny = torch.tensor([1e-30, -1e-30, 0.0, -0.0], device=device)
+    A = torch.cat([torch.ones(1, device=device), thresholds, -thresholds, tiny, torch.zeros(64, device=device)])
+    _check_roundtrip(launcher, reference, A, 32, quant_type)
+
+
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_non_contiguous_input(launcher, reference, rng, device, quant_type, dtype):
     A = _random((96, 40), dtype, rng, device).t()[:, ::2]

@@ -36,6 +36,11 @@ from .kept_launch import KeptLaunch, kept_launch
 _TILE = 4096
 _QUANT_WARPS = 4
 _SHARED_TABLE = True
+# The shared-memory table as two of int32 words: float32 thresholds and both codes of a bucket
+# (two 32-bit gathers instead of one 64-bit one, whose 8-byte entries put buckets b and b + 16 on
+# the same banks; about 23.3 instructions an element against 22.0 by an offline sm_90 compile).
+# Off until timed on a GPU (tests/gpu/tune_quant4.py sweeps it).
+_SPLIT_TABLE = False
 # Output elements one dequantize program writes, and its warps.
 _DEQUANT_ELEMENTS = 4096
 _DEQUANT_WARPS = 4
@@ -55,6 +60,8 @@ def _floor_to_int(x, INTERPRET: tl.constexpr):
 def _quantize_4bit_kernel(
     a_ptr,
     bucket_ptr,
+    threshold_ptr,
+    pair_codes_ptr,
     packed_ptr,
     absmax_ptr,
     n,
@@ -64,6 +71,7 @@ def _quantize_4bit_kernel(
     BLOCKS_PER_PROGRAM: tl.constexpr,
     SHARED_TABLE: tl.constexpr,
     INTERPRET: tl.constexpr,
+    SPLIT_TABLE: tl.constexpr = False,
 ):
     blocks = tl.program_id(0).to(tl.int64) * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
     offsets = blocks[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
@@ -81,16 +89,27 @@ def _quantize_4bit_kernel(
     # and above it (byte 1): one gather and one compare per element, for NF4 and FP4 alike.
     value = x * inverse[:, None] * 32.0
     bucket = _floor_to_int(value, INTERPRET)
-    if SHARED_TABLE:
-        # the 66 entries as a register tensor: Triton stages it in shared memory for the gather
-        table = tl.load(bucket_ptr + tl.arange(0, 128), mask=tl.arange(0, 128) < 66, other=0)
+    if SHARED_TABLE and SPLIT_TABLE:
+        # the same entries as two register tensors, each staged in shared memory for its gather:
+        # float32 thresholds and int32 code pairs (low nibble below the threshold, high above)
         flat = tl.reshape(bucket + 33, [BLOCKS_PER_PROGRAM * BLOCKSIZE])
-        entry = tl.reshape(tl.gather(table, flat, 0), [BLOCKS_PER_PROGRAM, BLOCKSIZE])
+        i = tl.arange(0, 128)
+        thresholds = tl.load(threshold_ptr + i, mask=i < 66, other=0.0)
+        pair_codes = tl.load(pair_codes_ptr + i, mask=i < 66, other=0)
+        threshold = tl.reshape(tl.gather(thresholds, flat, 0), [BLOCKS_PER_PROGRAM, BLOCKSIZE])
+        codes = tl.reshape(tl.gather(pair_codes, flat, 0), [BLOCKS_PER_PROGRAM, BLOCKSIZE]).to(tl.int32)
+        code = (codes >> tl.where(value > threshold, 4, 0)) & 15
     else:
-        entry = tl.load(bucket_ptr + 33 + bucket)  # the offset folds into the load's address
-    threshold = (entry & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
-    codes = (entry >> 32).to(tl.int32)
-    code = (codes >> tl.where(value > threshold, 8, 0)) & 15
+        if SHARED_TABLE:
+            # the 66 entries as a register tensor: Triton stages it in shared memory for the gather
+            table = tl.load(bucket_ptr + tl.arange(0, 128), mask=tl.arange(0, 128) < 66, other=0)
+            flat = tl.reshape(bucket + 33, [BLOCKS_PER_PROGRAM * BLOCKSIZE])
+            entry = tl.reshape(tl.gather(table, flat, 0), [BLOCKS_PER_PROGRAM, BLOCKSIZE])
+        else:
+            entry = tl.load(bucket_ptr + 33 + bucket)  # the offset folds into the load's address
+        threshold = (entry & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
+        codes = (entry >> 32).to(tl.int32)
+        code = (codes >> tl.where(value > threshold, 8, 0)) & 15
 
     high, low = tl.split(tl.reshape(code, [BLOCKS_PER_PROGRAM, BLOCKSIZE // 2, 2]))
     packed = ((high << 4) | low).to(tl.uint8)
@@ -197,6 +216,16 @@ def _bucket_table(quant_type: str, device: torch.device) -> torch.Tensor:
 
 
 @lru_cache(maxsize=None)
+def _split_bucket_tables(quant_type: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_bucket_entries` as float32 thresholds [66] and int32 code pairs [66] (the code
+    below the threshold in the low nibble, the code above it in the high one)."""
+    entries = _bucket_entries(quant_type)
+    thresholds = (entries & 0xFFFFFFFF).to(torch.int32).view(torch.float32)
+    pairs = ((entries >> 32) & 15) | (((entries >> 40) & 15) << 4)
+    return thresholds.to(device), pairs.to(torch.int32).to(device)
+
+
+@lru_cache(maxsize=None)
 def _device_table(quant_type: str, device: torch.device) -> torch.Tensor:
     return get_4bit_type(quant_type, device=device).to(torch.float32).contiguous()
 
@@ -216,9 +245,13 @@ def quantize_4bit(
     if n > 0:
         blocks_per_program = min(max(1, _TILE // blocksize), triton.next_power_of_2(absmax.numel()))
         grid = (triton.cdiv(absmax.numel(), blocks_per_program),)
+        table = _bucket_table(quant_type, A.device)
+        thresholds, pair_codes = _split_bucket_tables(quant_type, A.device) if _SPLIT_TABLE else (table, table)
         _quantize_4bit_kernel[grid](
             A.contiguous(),
-            _bucket_table(quant_type, A.device),
+            table,
+            thresholds,
+            pair_codes,
             packed,
             absmax,
             n,
@@ -228,6 +261,7 @@ def quantize_4bit(
             BLOCKS_PER_PROGRAM=blocks_per_program,
             SHARED_TABLE=_SHARED_TABLE,
             INTERPRET=interpreting(),
+            SPLIT_TABLE=_SPLIT_TABLE,
             num_warps=_QUANT_WARPS,
         )
     return packed.view(quant_storage).view(words, 1), absmax
