@@ -27,7 +27,10 @@ of ``--repeats`` timed calls. tokens/s = batch * new_tokens / seconds of one who
 call (the eager prefill included, as in the reference). Per run the JSON also records the Dynamo
 graphs compiled and graph breaks, whether a timed call recompiled, and the CUDA graphs that
 cudagraph trees recorded inside each timed call (a recording costs ~0.1 s on an 8B model; with a
-new static cache per call they can happen when its tensors land at new addresses).
+new static cache per call they can happen when its tensors land at new addresses, and did for
+bf16 and both 4-bit variants in ``benchmarks/results/20261204-h200-session15/``), and the median of
+the timed calls that recorded none. ``--gc`` collects garbage before each timed call (untimed; it
+did not change the recordings there).
 ``--reused-cache`` adds mode "reused": the same calls with one ``StaticCache`` per batch size,
 passed as ``past_key_values`` and reset before each call, as a server keeping its cache would run
 (transformers' own static cache is new in every call, with new tensor addresses; cudagraph trees
