@@ -57,6 +57,12 @@ def _floor_to_int(x, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _entry_words(entry):
+    """A bucket entry (int64, see _bucket_entries) -> (float32 threshold, int32 code pair)."""
+    return (entry & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True), (entry >> 32).to(tl.int32)
+
+
+@triton.jit
 def _quantize_4bit_kernel(
     a_ptr,
     bucket_ptr,
@@ -89,27 +95,22 @@ def _quantize_4bit_kernel(
     # and above it (byte 1): one gather and one compare per element, for NF4 and FP4 alike.
     value = x * inverse[:, None] * 32.0
     bucket = _floor_to_int(value, INTERPRET)
-    if SHARED_TABLE and SPLIT_TABLE:
-        # the same entries as two register tensors, each staged in shared memory for its gather:
-        # float32 thresholds and int32 code pairs (low nibble below the threshold, high above)
+    if SHARED_TABLE:
+        # the 66 entries as register tensors: Triton stages each in shared memory for its gather
         flat = tl.reshape(bucket + 33, [BLOCKS_PER_PROGRAM * BLOCKSIZE])
         i = tl.arange(0, 128)
-        thresholds = tl.load(threshold_ptr + i, mask=i < 66, other=0.0)
-        pair_codes = tl.load(pair_codes_ptr + i, mask=i < 66, other=0)
-        threshold = tl.reshape(tl.gather(thresholds, flat, 0), [BLOCKS_PER_PROGRAM, BLOCKSIZE])
-        codes = tl.reshape(tl.gather(pair_codes, flat, 0), [BLOCKS_PER_PROGRAM, BLOCKSIZE]).to(tl.int32)
-        code = (codes >> tl.where(value > threshold, 4, 0)) & 15
-    else:
-        if SHARED_TABLE:
-            # the 66 entries as a register tensor: Triton stages it in shared memory for the gather
-            table = tl.load(bucket_ptr + tl.arange(0, 128), mask=tl.arange(0, 128) < 66, other=0)
-            flat = tl.reshape(bucket + 33, [BLOCKS_PER_PROGRAM * BLOCKSIZE])
-            entry = tl.reshape(tl.gather(table, flat, 0), [BLOCKS_PER_PROGRAM, BLOCKSIZE])
+        if SPLIT_TABLE:  # the entries' two words as two tables: float32 thresholds, int32 codes
+            thresholds = tl.load(threshold_ptr + i, mask=i < 66, other=0.0)
+            pair_codes = tl.load(pair_codes_ptr + i, mask=i < 66, other=0)
+            threshold = tl.reshape(tl.gather(thresholds, flat, 0), [BLOCKS_PER_PROGRAM, BLOCKSIZE])
+            codes = tl.reshape(tl.gather(pair_codes, flat, 0), [BLOCKS_PER_PROGRAM, BLOCKSIZE])
         else:
-            entry = tl.load(bucket_ptr + 33 + bucket)  # the offset folds into the load's address
-        threshold = (entry & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
-        codes = (entry >> 32).to(tl.int32)
-        code = (codes >> tl.where(value > threshold, 8, 0)) & 15
+            table = tl.load(bucket_ptr + i, mask=i < 66, other=0)
+            entry = tl.reshape(tl.gather(table, flat, 0), [BLOCKS_PER_PROGRAM, BLOCKSIZE])
+            threshold, codes = _entry_words(entry)
+    else:
+        threshold, codes = _entry_words(tl.load(bucket_ptr + 33 + bucket))  # the offset folds into the address
+    code = (codes >> tl.where(value > threshold, 8, 0)) & 15
 
     high, low = tl.split(tl.reshape(code, [BLOCKS_PER_PROGRAM, BLOCKSIZE // 2, 2]))
     packed = ((high << 4) | low).to(tl.uint8)
@@ -217,12 +218,11 @@ def _bucket_table(quant_type: str, device: torch.device) -> torch.Tensor:
 
 @lru_cache(maxsize=None)
 def _split_bucket_tables(quant_type: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_bucket_entries` as float32 thresholds [66] and int32 code pairs [66] (the code
-    below the threshold in the low nibble, the code above it in the high one)."""
+    """:func:`_bucket_entries`' two words as tables [66]: float32 thresholds and int32 code
+    pairs (the code below the threshold in byte 0, the code above it in byte 1)."""
     entries = _bucket_entries(quant_type)
     thresholds = (entries & 0xFFFFFFFF).to(torch.int32).view(torch.float32)
-    pairs = ((entries >> 32) & 15) | (((entries >> 40) & 15) << 4)
-    return thresholds.to(device), pairs.to(torch.int32).to(device)
+    return thresholds.to(device), (entries >> 32).to(torch.int32).to(device)
 
 
 @lru_cache(maxsize=None)
