@@ -11,9 +11,10 @@ Run on a CUDA machine from the repository root (about 2 minutes, 14 GB of GPU me
    gather) and a crowded code (the binary-search path for crowded groups).
 3. quantize_blockwise of 2**28 float32 and 2**27 bfloat16 values, blocksize 4096 and 256: for
    each (elements per program, warps, register cap ``_QUANT_MAXNREG``: None = the compiler's
-   choice) the median of 20 calls after 5 warm-ups (CUDA events) and
-   the fraction of copy bandwidth reached at bytes = input + codes + absmax. The best variant of
-   each case is marked; the old tree-walk kernel (embedded below) is timed with its settings.
+   choice; ``_VEC`` and ``_SHARED_SEARCH``, the opt-in layout and shared-memory search) the
+   median of 20 calls after 5 warm-ups (CUDA events) and the fraction of copy bandwidth reached
+   at bytes = input + codes + absmax. The best variant of each case is marked; the old tree-walk
+   kernel (embedded below) is timed with its settings.
 4. ``tritonbits.optim.AdamW8bit``, ``Lion8bit`` and ``SGD8bit`` (momentum) ``.step()`` on 16
    float32 parameters of 4096x16384 with gradients: median of 10 steps after 3 warm-ups for each
    (state blocks per program, warps) in ``OPTIM_VARIANTS``, and the fraction of copy bandwidth at
@@ -128,16 +129,29 @@ CASES = [(torch.float32, 2**28, 4096), (torch.float32, 2**28, 256), (torch.bfloa
          (torch.bfloat16, 2**27, 256)]  # fmt: skip
 
 
-def variants(blocksize: int) -> list[tuple[int, int, int | None]]:
-    """(elements per program, warps, register cap) to try: a program holds whole blocks.
+def variants(blocksize: int, dtype: torch.dtype) -> list[tuple]:
+    """(elements per program, warps, register cap, VEC, shared search) to try: a program holds
+    whole blocks.
 
     The caps matter at 16 elements per thread (about 75 registers uncapped: 3 programs of 8 warps
-    per SM; 64: 4 programs, no spill on the hot path; 48: 5 programs, some spills).
+    per SM; 64: 4 programs, no spill on the hot path; 48: 5 programs, some spills). VEC (elements
+    a thread holds in a run; None: today's layout, which converts the tile through shared memory
+    for the codes' store) and the shared-memory search are ``quant_blockwise._VEC`` and
+    ``_SHARED_SEARCH``, both opt-in until this sweep times them.
     """
     tiles = [4096, 8192] if blocksize == 4096 else [2048, 4096, 8192]
-    plain = [(tile, warps, None) for tile in tiles for warps in (4, 8)]
-    capped = [(tile, warps, cap) for tile, warps, _ in plain if tile // (32 * warps) == 16 for cap in (64, 48)]
-    return plain + capped
+    plain = [(tile, warps, None, None, False) for tile in tiles for warps in (4, 8)]
+    capped = [(tile, warps, cap, None, False) for tile, warps, *_ in plain if tile // (32 * warps) == 16
+              for cap in (64, 48)]  # fmt: skip
+    vec = 4 if dtype == torch.float32 else 8
+    options = [(tile, warps, None, v, shared) for tile in (4096, 8192) for warps in (4, 8)
+               for v, shared in ((vec, False), (None, True), (vec, True))]  # fmt: skip
+    return plain + capped + options
+
+
+def set_variant(tile: int, warps: int, maxnreg, vec, shared: bool) -> None:
+    kernels._TILE, kernels._QUANT_WARPS, kernels._QUANT_MAXNREG = tile, warps, maxnreg
+    kernels._VEC, kernels._SHARED_SEARCH = vec, shared
 
 
 def codes_to_check(gen) -> dict:
@@ -147,8 +161,8 @@ def codes_to_check(gen) -> dict:
     return {"dynamic": create_dynamic_map(signed=True).cuda(), "shuffled": shuffled, "crowded": crowded}
 
 
-def check_variant(dtype, blocksize: int, tile: int, warps: int, maxnreg, codes: dict, gen) -> bool:
-    kernels._TILE, kernels._QUANT_WARPS, kernels._QUANT_MAXNREG = tile, warps, maxnreg
+def check_variant(dtype, blocksize: int, variant: tuple, codes: dict, gen) -> bool:
+    set_variant(*variant)
     A = (torch.randn(2**22 + 123, generator=gen, device="cuda") * 3).to(dtype)
     A[A.numel() // 3] = float("nan")
     ok = True
@@ -159,7 +173,7 @@ def check_variant(dtype, blocksize: int, tile: int, warps: int, maxnreg, codes: 
             ok = False
             differing = (got[0] != expected[0]).sum().item()
             FAILURES.append(
-                f"quantize {dtype} bs{blocksize} tile {tile} warps {warps} maxnreg {maxnreg} code {name}: "
+                f"quantize {dtype} bs{blocksize} (tile, warps, maxnreg, vec, shared) {variant} code {name}: "
                 f"{differing} codes differ, absmax same: {same(got[1], expected[1])}"
             )
     return ok
@@ -169,30 +183,30 @@ def time_quantize(copy_bw: float) -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     codes = codes_to_check(gen)
     code = create_dynamic_map(signed=True).cuda()
-    defaults = (kernels._TILE, kernels._QUANT_WARPS, kernels._QUANT_MAXNREG)
+    defaults = (kernels._TILE, kernels._QUANT_WARPS, kernels._QUANT_MAXNREG, kernels._VEC, kernels._SHARED_SEARCH)
     for dtype, n, blocksize in CASES:
         A = (torch.randn(n, generator=gen, device="cuda") * 3).to(dtype)
         bytes_moved = A.numel() * A.element_size() + n + 4 * (n // blocksize)
         label = f"quantize {str(dtype)[6:]:8s} n=2**{n.bit_length() - 1} bs{blocksize:<5d}"
         results = []
-        for tile, warps, maxnreg in variants(blocksize):
-            identical = check_variant(dtype, blocksize, tile, warps, maxnreg, codes, gen)
-            kernels._TILE, kernels._QUANT_WARPS, kernels._QUANT_MAXNREG = tile, warps, maxnreg
+        for variant in variants(blocksize, dtype):
+            identical = check_variant(dtype, blocksize, variant, codes, gen)
+            set_variant(*variant)
             ms = median_ms(lambda A=A, blocksize=blocksize: kernels.quantize_blockwise(A, code, blocksize))
             fraction = bytes_moved / (ms * 1e-3) / copy_bw
-            results.append((ms, tile, warps, str(maxnreg)))
-            print(f"{label} tile {tile:5d} warps {warps} maxnreg {str(maxnreg):4s}: {ms:7.4f} ms "
-                  f"{fraction:6.1%} of copy identical={identical}", flush=True)  # fmt: skip
-        ms, tile, warps, maxnreg = min(results)
-        print(f"{label} BEST tile {tile} warps {warps} maxnreg {maxnreg}: {ms:.4f} ms "
-              f"{bytes_moved / (ms * 1e-3) / copy_bw:.1%} of copy", flush=True)  # fmt: skip
+            tile, warps, maxnreg, vec, shared = variant
+            name = f"tile {tile:5d} warps {warps} maxnreg {str(maxnreg):4s} vec {str(vec):4s} shared {shared!s:5s}"
+            results.append((ms, name))
+            print(f"{label} {name}: {ms:7.4f} ms {fraction:6.1%} of copy identical={identical}", flush=True)
+        ms, name = min(results)
+        print(f"{label} BEST {name}: {ms:.4f} ms {bytes_moved / (ms * 1e-3) / copy_bw:.1%} of copy", flush=True)
         tables = tree_tables(code)
         tree_ms = median_ms(lambda A=A, tables=tables, blocksize=blocksize: tree_quantize(A, tables, blocksize))
         print(f"{label} old tree walk: {tree_ms:7.4f} ms {bytes_moved / (tree_ms * 1e-3) / copy_bw:6.1%} of copy "
               f"(new best {tree_ms / ms:.2f}x faster)", flush=True)  # fmt: skip
         del A
         torch.cuda.empty_cache()
-    kernels._TILE, kernels._QUANT_WARPS, kernels._QUANT_MAXNREG = defaults
+    set_variant(*defaults)
 
 
 # ---------------------------------------------------------------------------------------------

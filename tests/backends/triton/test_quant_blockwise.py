@@ -164,33 +164,72 @@ def _probes(code, rng):
 
 
 @triton.jit
-def _rank_kernel(x_ptr, tables_ptr, out_ptr, n, BLOCK: tl.constexpr):
+def _rank_kernel(x_ptr, tables_ptr, out_ptr, n, BLOCK: tl.constexpr, SHARED_SEARCH: tl.constexpr):
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(x_ptr + offsets, mask=offsets < n, other=0.0)
-    tl.store(out_ptr + offsets, qb.nearest_rank(x, tables_ptr), mask=offsets < n)
+    tl.store(out_ptr + offsets, qb.fitting_rank(x, tables_ptr, SHARED_SEARCH), mask=offsets < n)
 
 
-def _ranks(x, tables):
+def _ranks(x, tables, shared=False):
     out = torch.empty(x.shape, dtype=torch.int32, device=x.device)
-    _rank_kernel[(triton.cdiv(x.numel(), 1024),)](x, tables, out, x.numel(), BLOCK=1024)
+    _rank_kernel[(triton.cdiv(x.numel(), 1024),)](x, tables, out, x.numel(), BLOCK=1024, SHARED_SEARCH=shared)
     return out
 
 
+def _cells(tables):
+    """Cells the tables' group entries give out (each group 2**mb from its first cell on)."""
+    entries = tables[qb.GROUPS_WORD : qb.GROUPS_WORD + 512].cpu().long()
+    return int(((entries >> 16) + (1 << (31 - (entries & 31)))).max())
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["global_search", "shared_search"])
 @pytest.mark.parametrize("name", CODE_NAMES)
-def test_nearest_rank_matches_bucketize(rng, device, name):
+def test_nearest_rank_matches_bucketize(rng, device, name, shared):
     code, crowded = _codes(rng)[name]
     tables = qb.search_tables(code.to(device))
     # The flag says whether the crowded-group path (binary search) runs, so both paths are tested.
     if crowded is not None:
         assert tables[qb.GROUPS_WORD + 512].item() == int(crowded)
+    # The shared-memory search runs only where every cell lies in the staged records.
+    assert tables[qb.FIT_WORD].item() == int(_cells(tables) <= qb.SHARED_CELLS)
     x = _probes(code, rng)
     expected = torch.bucketize(x, _midpoints(code))  # NaN ranks last (255)
-    assert torch.equal(_ranks(x.to(device), tables).cpu().long(), expected)  # exact
+    assert torch.equal(_ranks(x.to(device), tables, shared).cpu().long(), expected)  # exact
+
+
+def test_dynamic_maps_fit_the_shared_records(device):
+    # The codes the optimizers and quantize_blockwise use by default take the shared-memory path;
+    # a code with fine cells (2**11 in one group) does not.
+    for signed in (True, False):
+        tables = qb.search_tables(create_dynamic_map(signed=signed).to(device))
+        assert tables[qb.FIT_WORD].item() == 1 and 512 < _cells(tables) <= qb.SHARED_CELLS
+    fine = qb.search_tables(_codes(torch.Generator().manual_seed(0))["fine_cells"][0].to(device))
+    assert fine[qb.FIT_WORD].item() == 0
 
 
 @pytest.mark.parametrize("name", CODE_NAMES)
 @pytest.mark.parametrize("blocksize", [64, 100, 256, 4096])
 def test_quantize_values_at_midpoints(launcher, reference, rng, device, name, blocksize):
+    _quantize_midpoint_probes(launcher, reference, rng, device, name, blocksize)
+
+
+@pytest.mark.parametrize("vec, shared", [(4, False), (None, True), (4, True), (8, True)])
+@pytest.mark.parametrize("name", ["dynamic_signed", "dynamic_unsigned", "fine_cells", "crowded"])
+@pytest.mark.parametrize("blocksize", [2, 100, 256])
+def test_quantize_kernel_options(monkeypatch, launcher, reference, rng, device, name, blocksize, vec, shared):
+    # The opt-in layout (VEC elements a thread) and shared-memory search (where the code fits,
+    # else the global one), at a block smaller than VEC, a padded one and a whole one.
+    monkeypatch.setattr(qb, "_VEC", vec)
+    monkeypatch.setattr(qb, "_SHARED_SEARCH", shared)
+    _quantize_midpoint_probes(launcher, reference, rng, device, name, blocksize)
+    code = _codes(rng)[name][0].to(device)
+    for dtype in (torch.float32, torch.bfloat16):  # blocks of their own absmax, a partial last one
+        A = _random((5 * blocksize + 3,), torch.float32, rng, device)
+        A[blocksize::blocksize] *= 10  # each block's first value its largest: a block must not see the next's
+        _check_quantize(launcher, reference, A.to(dtype), code, blocksize)
+
+
+def _quantize_midpoint_probes(launcher, reference, rng, device, name, blocksize):
     # Every block holds +-1.0, so absmax is 1 and the kernel compares the probe values
     # themselves: exact midpoints (ties), their float neighbors, subnormals, zeros of both signs.
     code, _ = _codes(rng)[name]

@@ -33,8 +33,11 @@ for them (the int16 records plus a rare midpoint load of the previous version: 1
 tree walk about 14); the compiled kernel (sm_90, 16 elements per thread) runs about 25
 instructions per element on its hot path, against 34 for the int16 records and 84 for the tree
 walk. Tables, one int32 buffer per code (``TABLE_WORDS``: 19.9 KiB): group entries and 2 flags
-(2 KiB), midpoints (1 KiB), final code indices by rank (768 B, room for 3 cases), ``CELLS`` cell
-records (16 KiB; the dynamic maps use about 900). They are built on the device (a
+(2 KiB), 29 words for callers and a flag (``FIT_WORD``: every record lies below
+``SHARED_CELLS``), midpoints (1 KiB), final code indices by rank (768 B, room for 3 cases),
+``CELLS`` cell records (16 KiB; the dynamic maps use 900 and 928). Where the flag is set, the
+quantize kernel can stage the group entries and the first ``SHARED_CELLS`` records in shared
+memory (6 KiB a program) and gather from there (``_SHARED_SEARCH``, opt-in until timed). They are built on the device (a
 ``torch.sort`` and two small kernels), without host synchronization, and cached per code tensor
 (:func:`cached_search_tables`).
 
@@ -65,6 +68,17 @@ _QUANT_WARPS = None
 # Register cap for the quantize kernel (None: the compiler's choice, about 75 at 16 elements per
 # thread, 3 programs of 8 warps per SM; 64 allows 4 with no spill on the hot path).
 _QUANT_MAXNREG = None
+# Two options of the quantize kernel, off until timed on a GPU (tests/gpu/tune_quant8.py sweeps
+# them). Session 9's profile had L1 91% busy; per warp of 32 elements the kernel touches about
+# 1 + 1.5 + 10 cache lines for the input, the group entries and the cell records, and converts
+# the scaled tile's layout through shared memory for the codes' store.
+# _VEC: elements a thread holds in a run (None: the whole block row, today's layout); 4 (float32)
+# or 8 (16-bit) keeps the codes in the input's layout, without the conversion: 33 against 39
+# instructions an element on the hot path by an offline sm_90 compile (float32, blocksize 256).
+# _SHARED_SEARCH: group entries and cell records staged in shared memory by each program (6 KiB)
+# and gathered from there, for codes whose cells fit in SHARED_CELLS (the dynamic maps do).
+_VEC = None
+_SHARED_SEARCH = False
 # Largest (padded) block kept whole in one program's registers; larger blocks use the reference.
 _MAX_BLOCK = 16384
 _CODE_SIZE = 256
@@ -73,17 +87,23 @@ _CODE_SIZE = 256
 # only kind of global Triton 3.6 lets them read).
 GROUPS_WORD = 0  # 512 group entries, then two flags: some group is crowded; order is identity
 SORTED_WORD = GROUPS_WORD + 513  # the second flag: 1 when the code is sorted (rank = code index)
-SPARE_WORD = 514  # 30 words a caller may use (0 as built): the optimizer's sign rule parameters
+SPARE_WORD = 514  # 29 words a caller may use (0 as built): the optimizer's sign rule parameters
+FIT_WORD = 543  # 1 when every cell record lies below SHARED_CELLS (the shared-memory search may run)
 MIDPOINTS_WORD = 544  # 256 float32: the sorted midpoints, +inf at 255
 ORDER_WORD = 800  # 768 bytes: code index by rank, up to 3 cases of 256 (quantize: 1, order)
 RECORDS_WORD = 992  # CELLS int32 cell records
 CELLS = 4096
 TABLE_WORDS = RECORDS_WORD + CELLS
+# Cell records a program can stage in shared memory for its gathers (4 KiB; the dynamic maps use
+# 900 and 928).
+SHARED_CELLS = 1024
 _GROUPS = tl.constexpr(512)
 _MIDPOINTS = tl.constexpr(MIDPOINTS_WORD)
 _ORDER = tl.constexpr(ORDER_WORD)
 _RECORDS = tl.constexpr(RECORDS_WORD)
 _CELLS = tl.constexpr(CELLS)
+_FIT = tl.constexpr(FIT_WORD)
+_SHARED_CELLS = tl.constexpr(SHARED_CELLS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,17 +150,36 @@ def _binary_search_rank(x, midpoints_ptr):
 
 
 @triton.jit
-def nearest_rank(x, tables_ptr):
+def _staged_gather(table_ptr, index, SIZE: tl.constexpr):
+    """``table[index]`` for int32 ``index`` (any shape, values < SIZE) from the first SIZE words
+    of a table, loaded as a register tensor that Triton stages in shared memory for the gather."""
+    table = tl.load(table_ptr + tl.arange(0, SIZE))
+    return tl.reshape(tl.gather(table, tl.reshape(index, [index.numel]), 0), index.shape)
+
+
+@triton.jit
+def nearest_rank(x, tables_ptr, SHARED_SEARCH: tl.constexpr = False):
     """Rank (int32, 0..255) of float32 ``x`` (|x| <= 1 or NaN) among the code's midpoints.
 
     ``#{m : not (x <= m)}``: the index into the sorted code of the nearest entry, ties to the
     smaller one, NaN last. ``tables_ptr``: the int32 buffer of :func:`search_tables`.
+    ``SHARED_SEARCH``: gather the group entries and the first ``SHARED_CELLS`` cell records from
+    shared memory, staged by the program, instead of from global memory (through L1: about 10
+    cache lines a warp for the records of the dynamic map, and 64-bit addresses); valid only
+    where the tables' ``FIT_WORD`` is set (see :func:`fitting_rank`).
     """
     bits = x.to(tl.int32, bitcast=True)
-    entry = tl.load(tables_ptr + _group(bits))  # first cell << 16 | crowded << 15 | 31 - mb
+    if SHARED_SEARCH:
+        entry = _staged_gather(tables_ptr, _group(bits), 512)
+    else:
+        entry = tl.load(tables_ptr + _group(bits))  # first cell << 16 | crowded << 15 | 31 - mb
     # The key's 23 mantissa bits, shifted up by 8 (bit 31 clear): the top mb pick the cell.
     mantissa8 = ((bits << 8) ^ (bits >> 31)) & 0x7FFFFF00
-    record = tl.load(_records(tables_ptr) + ((entry >> 16) + (mantissa8 >> (entry & 31))))
+    cell = (entry >> 16) + (mantissa8 >> (entry & 31))
+    if SHARED_SEARCH:
+        record = _staged_gather(_records(tables_ptr), cell, _SHARED_CELLS)
+    else:
+        record = tl.load(_records(tables_ptr) + cell)
     # x > the cell's midpoint iff its mantissa exceeds the record's (the cell bits are equal):
     # then record - mantissa8 < 0 (no overflow: both are in [0, 2**31)).
     above = (record - mantissa8).to(tl.uint32, bitcast=True) >> 31
@@ -149,6 +188,20 @@ def nearest_rank(x, tables_ptr):
         crowded = (entry >> 15) & 1
         if tl.max(crowded) > 0:
             rank = tl.where(crowded != 0, _binary_search_rank(x, _midpoints(tables_ptr)), rank)
+    return rank
+
+
+@triton.jit
+def fitting_rank(x, tables_ptr, SHARED_SEARCH: tl.constexpr):
+    """:func:`nearest_rank`, searching in shared memory when ``SHARED_SEARCH`` and the code's
+    cells fit there (a uniform branch on the tables' flag), else in global memory."""
+    if SHARED_SEARCH:
+        if tl.load(tables_ptr + _FIT) != 0:
+            rank = nearest_rank(x, tables_ptr, True)
+        else:
+            rank = nearest_rank(x, tables_ptr, False)
+    else:
+        rank = nearest_rank(x, tables_ptr, False)
     return rank
 
 
@@ -204,6 +257,7 @@ def _build_groups_kernel(sorted_ptr, order_ptr, tables_ptr, PAIRS: tl.constexpr)
     start_cell = tl.cumsum(size, axis=0) - size
     tl.store(tables_ptr + groups, (start_cell << 16) | (crowded.to(tl.int32) << 15) | (31 - mb))
     tl.store(tables_ptr + _GROUPS, tl.max(crowded.to(tl.int32), axis=0))
+    tl.store(tables_ptr + _FIT, (tl.sum(size, axis=0) <= _SHARED_CELLS).to(tl.int32))
 
 
 @triton.jit
@@ -291,11 +345,13 @@ def _max_keep_nan(a, b):
 
 @triton.jit
 def _row_absmax(x, INTERPRET: tl.constexpr):
-    """max |x| of each row, NaN where the row holds one (as torch's amax; tl.max drops NaN)."""
+    """max |x| of each row of a [rows, chunks, VEC] tile, NaN where the row holds one (as torch's
+    amax; tl.max drops NaN)."""
     if INTERPRET:  # the interpreter calls a custom combine per element: add the NaNs instead
-        return tl.max(tl.abs(x), axis=1) + tl.sum(tl.where(x != x, x, 0.0), axis=1)  # noqa: PLR0124
+        nan = tl.sum(tl.sum(tl.where(x != x, x, 0.0), axis=2), axis=1)  # noqa: PLR0124
+        return tl.max(tl.max(tl.abs(x), axis=2), axis=1) + nan
     else:
-        return tl.reduce(tl.abs(x), 1, _max_keep_nan)
+        return tl.reduce(tl.reduce(tl.abs(x), 2, _max_keep_nan), 1, _max_keep_nan)
 
 
 @triton.jit
@@ -310,13 +366,19 @@ def _quantize_blockwise_kernel(
     BLOCK_PAD: tl.constexpr,
     BLOCKS_PER_PROGRAM: tl.constexpr,
     INTERPRET: tl.constexpr,
+    VEC: tl.constexpr = None,
+    SHARED_SEARCH: tl.constexpr = False,
 ):
-    # A [BLOCKS_PER_PROGRAM, BLOCK_PAD] tile: one quantization block per row, so the absmax is a
-    # row reduction in registers and the input is read once.
+    # A [BLOCKS_PER_PROGRAM, BLOCK_PAD // VEC, VEC] tile: one quantization block per row, so the
+    # absmax is a row reduction in registers and the input is read once. A short innermost run
+    # (VEC elements) makes Triton give the uint8 codes the input's layout, VEC to a thread; with
+    # VEC = BLOCK_PAD it picks 16 codes a thread and converts the scaled values to that layout
+    # through shared memory (16 KiB a 4096-element tile, written and read).
+    V: tl.constexpr = BLOCK_PAD if VEC is None else VEC
     blocks = tl.program_id(0).to(tl.int64) * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
-    cols = tl.arange(0, BLOCK_PAD)
-    offsets = blocks[:, None] * BLOCKSIZE + cols[None, :]
-    mask = (cols[None, :] < BLOCKSIZE) & (offsets < n)
+    cols = tl.arange(0, BLOCK_PAD // V)[:, None] * V + tl.arange(0, V)[None, :]
+    offsets = blocks[:, None, None] * BLOCKSIZE + cols[None, :, :]
+    mask = (cols[None, :, :] < BLOCKSIZE) & (offsets < n)
     x = tl.load(a_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
 
     # A NaN makes its block's absmax NaN and all its codes 255, as in the reference.
@@ -325,9 +387,9 @@ def _quantize_blockwise_kernel(
     # Clamping to float32 tiny (2**-126) makes all-zero blocks give zeros instead of NaN.
     tiny = tl.full(absmax.shape, 1.1754943508222875e-38, tl.float32)
     inverse = tl.math.div_rn(tl.full(absmax.shape, 1.0, tl.float32), _max_keep_nan(absmax, tiny))
-    scaled = x * inverse[:, None]
+    scaled = x * inverse[:, None, None]
 
-    rank = nearest_rank(scaled, tables_ptr)
+    rank = fitting_rank(scaled, tables_ptr, SHARED_SEARCH)
     if tl.load(tables_ptr + _GROUPS + 1) != 0:  # sorted code (the dynamic maps): index = rank
         code_index = rank.to(tl.uint8)
     else:
@@ -381,6 +443,8 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> t
         BLOCK_PAD=block_pad,
         BLOCKS_PER_PROGRAM=blocks_per_program,
         INTERPRET=interpreting(),
+        VEC=_VEC if _VEC is None else min(_VEC, block_pad),
+        SHARED_SEARCH=_SHARED_SEARCH,
         num_warps=_QUANT_WARPS or (8 if tile >= 4096 else 4),
         **({"maxnreg": _QUANT_MAXNREG} if _QUANT_MAXNREG else {}),
     )
