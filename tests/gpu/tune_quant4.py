@@ -24,19 +24,21 @@ def main():
         ref_packed, ref_absmax = REFERENCES["quantize_4bit"](x, blocksize, quant_type, torch.uint8)
         ref_out = REFERENCES["dequantize_4bit"](ref_packed, ref_absmax, blocksize, quant_type, [8192, 8192], x.dtype)
         q_bytes = 2 * n + n // 2 + 4 * n // blocksize
-        defaults = (kernels._TILE, kernels._QUANT_WARPS, kernels._SHARED_TABLE, kernels._SPLIT_TABLE)
-        # table: global memory, shared memory, or split in two shared-memory tables
-        for tile, warps, (shared, split) in itertools.product([2048, 4096, 8192], [4, 8],
-                                                              [(False, False), (True, False), (True, True)]):
+        defaults = (kernels._TILE, kernels._QUANT_WARPS, kernels._SHARED_TABLE, kernels._SPLIT_TABLE, kernels._PAIRS)
+        # table: global memory, shared memory, or split in two shared-memory tables; pairs: the
+        # input read as int32 words of two bfloat16 values
+        tables = [(False, False, False), (True, False, False), (True, True, False), (True, False, True),
+                  (True, True, True)]  # fmt: skip
+        for tile, warps, (shared, split, pairs) in itertools.product([2048, 4096, 8192], [4, 8], tables):
             kernels._TILE, kernels._QUANT_WARPS = tile, warps
-            kernels._SHARED_TABLE, kernels._SPLIT_TABLE = shared, split
+            kernels._SHARED_TABLE, kernels._SPLIT_TABLE, kernels._PAIRS = shared, split, pairs
             packed, absmax = kernels.quantize_4bit(x, blocksize, quant_type, torch.uint8)
             same = torch.equal(packed, ref_packed) and torch.equal(absmax, ref_absmax)
             t = ms(lambda: kernels.quantize_4bit(x, blocksize, quant_type, torch.uint8))
             print(f"quantize   {quant_type} bs{blocksize} tile {tile:5d} warps {warps} shared table {shared:d} "
-                  f"split {split:d}: {t:.4f} ms "
+                  f"split {split:d} pairs {pairs:d}: {t:.4f} ms "
                   f"{q_bytes / (t * 1e-3) / copy_bw:6.1%} of copy  identical={same}", flush=True)
-        kernels._TILE, kernels._QUANT_WARPS, kernels._SHARED_TABLE, kernels._SPLIT_TABLE = defaults
+        kernels._TILE, kernels._QUANT_WARPS, kernels._SHARED_TABLE, kernels._SPLIT_TABLE, kernels._PAIRS = defaults
         for elements, warps in itertools.product([2048, 4096, 8192], [4, 8]):
             kernels._DEQUANT_ELEMENTS, kernels._DEQUANT_WARPS = elements, warps
             out = kernels.dequantize_4bit(ref_packed, ref_absmax, blocksize, quant_type, [8192, 8192], x.dtype)

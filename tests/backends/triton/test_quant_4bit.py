@@ -121,6 +121,30 @@ def test_split_table_variant(launcher, reference, rng, device, monkeypatch, quan
     _check_roundtrip(launcher, reference, A, 32, quant_type)
 
 
+@pytest.mark.parametrize("pairs", [False, True], ids=["values", "pairs"])
+@pytest.mark.parametrize("shape", [(64, 64), (2, 777), (777,)], ids=["whole_tiles", "even", "odd"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+def test_unmasked_and_word_pair_variants(launcher, reference, rng, device, monkeypatch, quant_type, dtype, shape,
+                                         pairs):
+    """Whole tiles compile without masks (EVEN); with ``_PAIRS`` 16-bit input of an even size is
+    read as int32 words of two values (masked at a partial tile), odd sizes and float32 as values."""
+    from tritonbits.backends.triton import quant_4bit as kernels
+
+    monkeypatch.setattr(kernels, "_PAIRS", pairs)
+    numel = torch.Size(shape).numel()
+    for blocksize in (64, 128):
+        # A view at the start of a larger buffer whose next values are huge: a read past A shows.
+        buffer = torch.full((numel + 64,), 1e4, dtype=dtype, device=device)
+        buffer[:numel] = _random((numel,), dtype, rng, device)
+        buffer[:numel:blocksize] *= 4  # each block's first value its largest: blocks must not mix
+        _check_roundtrip(launcher, reference, buffer[:numel].view(shape), blocksize, quant_type)
+    thresholds = _thresholds(quant_type).to(device)
+    tiny = torch.tensor([1e-30, -1e-30, 0.0, -0.0], device=device)
+    A = torch.cat([torch.ones(1, device=device), thresholds, -thresholds, tiny, torch.zeros(64, device=device)])
+    _check_roundtrip(launcher, reference, torch.nn.functional.pad(A, (0, 128 - A.numel())).to(dtype), 32, quant_type)
+
+
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_non_contiguous_input(launcher, reference, rng, device, quant_type, dtype):

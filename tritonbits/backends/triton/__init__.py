@@ -68,3 +68,18 @@ def round_half_even(x, INTERPRET: tl.constexpr):
         return (x + 12582912.0) - 12582912.0
     else:
         return libdevice.rint(x)
+
+
+@triton.jit
+def half_of_word(words, HIGH: tl.constexpr, dtype: tl.constexpr):
+    """The first (HIGH 0: the low half, memory being little-endian) or second bfloat16/float16
+    value packed in int32 ``words``, as float32 (exact). A bfloat16 is the high half of the
+    float32 of the same value: one shift or mask, where the compiler's conversion of a loaded
+    bfloat16 pair takes a byte permute and a shift for the high one."""
+    if dtype == tl.bfloat16:
+        bits = words << 16 if HIGH == 0 else words & -65536
+        value = bits.to(tl.float32, bitcast=True)
+    else:
+        half = (words >> 16 if HIGH == 1 else words).to(tl.int16)
+        value = half.to(tl.float16, bitcast=True).to(tl.float32)
+    return value

@@ -52,7 +52,7 @@ import triton.language as tl
 
 from ..._ops import REFERENCES
 from ...quant_state import QuantState
-from . import cast_rtne, interpreting
+from . import cast_rtne, half_of_word, interpreting
 from .kept_launch import KeptLaunch, kept_launch
 from .quant_4bit import decode_4bit, nested_absmax_args, nested_args
 
@@ -383,7 +383,7 @@ def _gemv_4bit_rows_kernel(
                 a_j = _joined_rows(a_row + offs_w, stride_am, j * row_stride_words + k0 // 8, a_rows_left, 0.0,
                                    BLOCK_M)  # fmt: skip
             else:
-                a_j = _half(pairs[j // 2], j % 2, a_ptr.dtype.element_ty)
+                a_j = half_of_word(pairs[j // 2], j % 2, a_ptr.dtype.element_ty)
             if BLOCK_N == 2:
                 v0, v1 = tl.split(columns[j])
                 part0 += _times(v0, a_j, BLOCK_M)
@@ -418,19 +418,6 @@ def _gemv_4bit_rows_kernel(
     if BLOCK_N == 4:
         _write_row(out_rows, bias_ptr + n0, tl.sum(acc2, axis=0), mask_m, pid_k, N - n0, 2, HAS_BIAS, SPLIT_K)
         _write_row(out_rows, bias_ptr + n0, tl.sum(acc3, axis=0), mask_m, pid_k, N - n0, 3, HAS_BIAS, SPLIT_K)
-
-
-@triton.jit
-def _half(pair, HIGH: tl.constexpr, dtype: tl.constexpr):
-    """The low (HIGH 0) or high 16-bit value of int32 ``pair`` (little-endian: the first of two
-    consecutive bfloat16 or float16 values is the low half) as float32."""
-    if dtype == tl.bfloat16:  # a bfloat16 is the high half of the float32 of the same value
-        bits = pair << 16 if HIGH == 0 else pair & -65536
-        value = bits.to(tl.float32, bitcast=True)
-    else:
-        half = (pair >> 16 if HIGH == 1 else pair).to(tl.int16)
-        value = half.to(tl.float16, bitcast=True).to(tl.float32)
-    return value
 
 
 @triton.jit
