@@ -1,6 +1,8 @@
 """Time the 4-bit quantize/dequantize kernels over tile sizes and warps on the GPU (8192x8192 bf16).
 
-Prints one line per variant: ms, fraction of a device-to-device copy, and whether the output is
+Also the opt-in kernel options: for quantize the table's place (global, shared, split) and
+``_PAIRS``; for dequantize ``_DEQUANT_VEC`` and ``_DEQUANT_SHARED_TABLE``. Prints one line per
+variant: ms, fraction of a device-to-device copy, and whether the output is
 bit-identical to the PyTorch reference. Run from the repository root on a CUDA machine.
 """
 
@@ -39,13 +41,22 @@ def main():
                   f"split {split:d} pairs {pairs:d}: {t:.4f} ms "
                   f"{q_bytes / (t * 1e-3) / copy_bw:6.1%} of copy  identical={same}", flush=True)
         kernels._TILE, kernels._QUANT_WARPS, kernels._SHARED_TABLE, kernels._SPLIT_TABLE, kernels._PAIRS = defaults
-        for elements, warps in itertools.product([2048, 4096, 8192], [4, 8]):
+        defaults = (kernels._DEQUANT_ELEMENTS, kernels._DEQUANT_WARPS, kernels._DEQUANT_VEC,
+                    kernels._DEQUANT_SHARED_TABLE)  # fmt: skip
+        # options: bytes a thread holds in a run (0: 2-D tiles), table in shared memory
+        options = [(0, False), (0, True), (4, False), (4, True), (8, True)]
+        for elements, warps, (vec, shared) in itertools.product([2048, 4096, 8192], [4, 8], options):
             kernels._DEQUANT_ELEMENTS, kernels._DEQUANT_WARPS = elements, warps
+            kernels._DEQUANT_VEC, kernels._DEQUANT_SHARED_TABLE = vec, shared
             out = kernels.dequantize_4bit(ref_packed, ref_absmax, blocksize, quant_type, [8192, 8192], x.dtype)
             same = torch.equal(out, ref_out)
-            t = ms(lambda: kernels.dequantize_4bit(ref_packed, ref_absmax, blocksize, quant_type, [8192, 8192], x.dtype))
-            print(f"dequantize {quant_type} bs{blocksize} elems {elements:5d} warps {warps}: {t:.4f} ms "
-                  f"{q_bytes / (t * 1e-3) / copy_bw:6.1%} of copy  identical={same}", flush=True)
+            t = ms(lambda: kernels.dequantize_4bit(ref_packed, ref_absmax, blocksize, quant_type, [8192, 8192],
+                                                   x.dtype))  # fmt: skip
+            print(f"dequantize {quant_type} bs{blocksize} elems {elements:5d} warps {warps} vec {vec} shared "
+                  f"table {shared:d}: {t:.4f} ms {q_bytes / (t * 1e-3) / copy_bw:6.1%} of copy  identical={same}",
+                  flush=True)  # fmt: skip
+        (kernels._DEQUANT_ELEMENTS, kernels._DEQUANT_WARPS, kernels._DEQUANT_VEC,
+         kernels._DEQUANT_SHARED_TABLE) = defaults  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -172,6 +172,33 @@ def test_dequantize_random_bytes(launcher, reference, rng, device, quant_type):
         assert torch.equal(out, expected)  # exact
 
 
+@pytest.mark.parametrize("vec, shared", [(0, True), (4, False), (4, True), (8, True)])
+@pytest.mark.parametrize("numel", [4096, 1001], ids=["whole_tiles", "partial"])
+@pytest.mark.parametrize("nested", [False, True], ids=["flat", "nested"])
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+def test_dequantize_kernel_options(reference, rng, device, monkeypatch, quant_type, nested, numel, vec, shared):
+    """The opt-in dequantize options (runs of VEC bytes a thread, the shared-memory table), on
+    whole tiles (no masks) and a partial one, against the PyTorch reference, bit for bit."""
+    from tritonbits.backends.triton import quant_4bit as kernels
+
+    monkeypatch.setattr(kernels, "_DEQUANT_VEC", vec)
+    monkeypatch.setattr(kernels, "_DEQUANT_SHARED_TABLE", shared)
+    w = (torch.randn(numel, generator=rng) * 3).to(device)
+    w[::64] *= 4  # each block's first value its largest
+    packed, state = F.quantize_4bit(w, blocksize=64, quant_type=quant_type, compress_statistics=nested)
+    absmax = state.absmax
+    if nested:  # the reference's decode of the 8-bit absmax codes
+        inner = state.state2
+        absmax = reference("dequantize_blockwise")(absmax, inner.absmax, inner.code, inner.blocksize, torch.float32)
+        absmax = absmax + state.offset
+    for dtype in DTYPES:
+        launch = kernels.DequantLaunch(packed, state.absmax, kernels._device_table(quant_type, packed.device), 64,
+                                       [numel], dtype, kernels.nested_absmax_args(state))  # fmt: skip
+        assert launch.constexprs["EVEN"] == (numel == 4096) and launch.constexprs["VEC"] == vec
+        expected = reference("dequantize_4bit")(packed, absmax, 64, quant_type, [numel], dtype)
+        assert torch.equal(launch.launch(), expected)  # exact
+
+
 _DISPATCH_SCRIPT = textwrap.dedent(
     """
     import sys, torch

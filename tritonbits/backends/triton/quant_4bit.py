@@ -48,6 +48,12 @@ _PAIRS = False
 # Output elements one dequantize program writes, and its warps.
 _DEQUANT_ELEMENTS = 4096
 _DEQUANT_WARPS = 4
+# Dequantize options (see the kernel), off until timed on a GPU (tests/gpu/tune_quant4.py sweeps
+# them): bytes a thread holds in a run (0: the 2-D tiles), and the table gathered from shared
+# memory. Offline sm_90 compile (Triton 3.6, bf16, blocksize 64, whole tiles): 11.5 instructions
+# an element today (12.25 with masks), 8.25 with runs of 4 bytes and the shared-memory table.
+_DEQUANT_VEC = 0
+_DEQUANT_SHARED_TABLE = False
 
 
 @triton.jit
@@ -147,7 +153,6 @@ def _quantize_4bit_kernel(
         tl.store(packed_ptr + byte_offsets, packed, mask=byte_offsets < n_bytes)
 
 
-
 @triton.jit
 def _dequantize_4bit_kernel(
     packed_ptr,
@@ -165,14 +170,35 @@ def _dequantize_4bit_kernel(
     NESTED: tl.constexpr,
     ABSMAX_BLOCKSIZE: tl.constexpr,
     INTERPRET: tl.constexpr,
+    VEC: tl.constexpr = 0,
+    SHARED_TABLE: tl.constexpr = False,
+    EVEN: tl.constexpr = False,
 ):
     # A [BLOCKS_PER_PROGRAM, BLOCKSIZE] tile of the output: one absmax load per row.
+    # Options, off until timed on a GPU: VEC > 0, the bytes a thread holds in a run
+    # ([blocks, runs, VEC] bytes with each byte's two values joined last, so that the loads, the
+    # decode and the store share one layout; with 2-D tiles Triton converts between the bytes'
+    # and the output's layouts through shared memory); SHARED_TABLE, the 16 values gathered from
+    # shared memory (32-bit addresses) instead of global memory; EVEN, a whole tile (no masks).
     blocks = tl.program_id(0).to(tl.int64) * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
-    byte_offsets = blocks[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]
-    packed = tl.load(packed_ptr + byte_offsets, mask=byte_offsets < n_bytes, other=0).to(tl.int32)
-    # The 16-entry table is 64 bytes: one cache line, so these gathers stay cheap.
-    high = tl.load(table_ptr + (packed >> 4))
-    low = tl.load(table_ptr + (packed & 0xF))
+    if VEC > 0:
+        byte_cols = tl.arange(0, BLOCKSIZE // 2 // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :]
+        byte_offsets = blocks[:, None, None] * (BLOCKSIZE // 2) + byte_cols[None, :, :]
+    else:
+        byte_offsets = blocks[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]
+    if EVEN:
+        packed = tl.load(packed_ptr + byte_offsets).to(tl.int32)
+    else:
+        packed = tl.load(packed_ptr + byte_offsets, mask=byte_offsets < n_bytes, other=0).to(tl.int32)
+    if SHARED_TABLE:
+        table = tl.load(table_ptr + tl.arange(0, 16))
+        flat = tl.reshape(packed, [packed.numel])
+        high = tl.reshape(tl.gather(table, flat >> 4, 0), packed.shape)
+        low = tl.reshape(tl.gather(table, flat & 0xF, 0), packed.shape)
+    else:
+        # The 16-entry table is 64 bytes: one cache line, so these gathers stay cheap.
+        high = tl.load(table_ptr + (packed >> 4))
+        low = tl.load(table_ptr + (packed & 0xF))
     if NESTED:
         # 8-bit absmax codes decoded as the reference does, ``code[q] * scale[block // 256]``
         # then ``+ offset``, each rounded once: mul_rn/add_rn keep the compiler from fusing them
@@ -187,9 +213,20 @@ def _dequantize_4bit_kernel(
     else:
         scale = tl.load(absmax_ptr + blocks, mask=blocks < n_blocks, other=0.0)
     # element order within a row: high, low, high, low, ...
-    values = tl.reshape(tl.join(high, low), [BLOCKS_PER_PROGRAM, BLOCKSIZE]) * scale[:, None]
-    offsets = blocks[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
-    tl.store(out_ptr + offsets, cast_rtne(values, out_ptr.dtype.element_ty, INTERPRET), mask=offsets < n)
+    if VEC > 0:
+        RUNS: tl.constexpr = BLOCKSIZE // 2 // VEC
+        pairs = tl.join(high, low)  # [blocks, runs, VEC, 2]
+        values = tl.reshape(pairs, [BLOCKS_PER_PROGRAM, RUNS, 2 * VEC]) * scale[:, None, None]
+        offsets = blocks[:, None, None] * BLOCKSIZE + (tl.arange(0, RUNS)[:, None] * (2 * VEC)
+                                                       + tl.arange(0, 2 * VEC)[None, :])[None, :, :]  # fmt: skip
+    else:
+        values = tl.reshape(tl.join(high, low), [BLOCKS_PER_PROGRAM, BLOCKSIZE]) * scale[:, None]
+        offsets = blocks[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+    out = cast_rtne(values, out_ptr.dtype.element_ty, INTERPRET)
+    if EVEN:
+        tl.store(out_ptr + offsets, out)
+    else:
+        tl.store(out_ptr + offsets, out, mask=offsets < n)
 
 
 def _ordered(values: torch.Tensor) -> torch.Tensor:
@@ -349,6 +386,9 @@ class DequantLaunch(KeptLaunch):
             NESTED=nested is not None,
             ABSMAX_BLOCKSIZE=absmax_blocksize,
             INTERPRET=interpreting(),
+            VEC=min(_DEQUANT_VEC, blocksize // 2),
+            SHARED_TABLE=_DEQUANT_SHARED_TABLE,
+            EVEN=self.n % (blocks_per_program * blocksize) == 0 and packed.numel() * 2 >= self.n,
         )
         super().__init__(_dequantize_4bit_kernel, (triton.cdiv(n_blocks, blocks_per_program),), constexprs,
                          _DEQUANT_WARPS)  # fmt: skip
