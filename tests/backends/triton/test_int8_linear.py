@@ -262,7 +262,22 @@ def test_linear8bitlt_eager_plan_serves_repeated_calls_and_follows_changes(devic
     assert x_grad.grad is not None and len(full_path_calls) == 7
 
 
-@pytest.mark.parametrize("K, N", [(4096, 4096), (8192, 28672)])
+@pytest.mark.parametrize("K", [3000, 5120, 11008])
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("threshold", [0.0, 3.0])
+def test_k_tiles_that_are_no_power_of_two(device, launcher, reference, rng, K, rows, threshold):
+    """K of Llama-2's widths (5120, 11008) and an odd one: the one-program quantize kernel's tile is
+    K's tiles rounded up to a power of two (tl.arange takes no other length: these failed)."""
+    CB, SCB = _weight(rng, 48, K, device)
+    A = _activations(rng, (rows, K), torch.float16, device, outlier_every=97 if threshold else 0)
+    out, flags = launcher("int8_mixed_linear")(A, CB, SCB, None, threshold)
+    expected, expected_flags = reference("int8_mixed_linear")(A.cpu(), CB.cpu(), SCB.cpu(), None, threshold)
+    if threshold:
+        assert expected_flags.any() and torch.equal(flags.cpu(), expected_flags)
+    _assert_matches(out.cpu(), expected, torch.float16, exact=not threshold)
+
+
+@pytest.mark.parametrize("K, N", [(4096, 4096), (8192, 28672), (11008, 4096)])
 @pytest.mark.parametrize("threshold", [0.0, 6.0])
 @pytest.mark.parametrize("rows", [1, 16])
 def test_decode_sizes_compile_and_match(device, launcher, reference, rng, K, N, threshold, rows):

@@ -271,7 +271,8 @@ class Int8LinearLaunch:
         self.chunks = triton.cdiv(K, block_k)
         even_k = K % block_k == 0
         common = dict(BLOCK_M=16, CHUNK=block_k, OUTLIERS=self.outliers, EVEN_K=even_k)
-        tile_rows, tile_columns = triton.next_power_of_2(rows), self.chunks * block_k
+        # (the one program's tile: powers of two, K's tiles rounded up, e.g. 11008 -> 16384)
+        tile_rows, tile_columns = triton.next_power_of_2(rows), triton.next_power_of_2(self.chunks * block_k)
         self.one_program = tile_rows * tile_columns <= ONE_PROGRAM_ELEMENTS
         if self.one_program:
             self.absmax_quantize = _Launch(_absmax_quantize_kernel, (1,), dict(
