@@ -8,7 +8,8 @@ calls (the kernels alone; "n/a" where the call cannot be captured, e.g. a host s
 are float16 N(0, 1), so at threshold 6 outlier columns are rare: the path, not the outlier
 product, is timed. Also timed for tritonbits: ``launch`` (the kept launch alone, what the layer's
 eager plan calls) and ``per K tile`` (the layer with A quantized by two launches of one program
-per K tile, where it would otherwise use one program: ``ONE_PROGRAM_ELEMENTS``). Run from the
+per K tile, where it would otherwise use one program: ``ONE_PROGRAM_ELEMENTS``) and ``one launch``
+(a small A quantized inside the product kernel: ``FUSED_A_MAX_WEIGHT``). Run from the
 repository root: ``python tests/gpu/int8_decode.py [--out DIR]``.
 """
 
@@ -47,6 +48,7 @@ def main() -> int:
     from tritonbits.backends.triton import int8_linear
 
     one_program = int8_linear.ONE_PROGRAM_ELEMENTS
+    fused_a = int8_linear.FUSED_A_MAX_WEIGHT
     bitsandbytes = peer_bitsandbytes()
     dev = torch.device("cuda")
     rows_out = []
@@ -62,6 +64,9 @@ def main() -> int:
                 per_tile = tritonbits.nn.Linear8bitLt(K, N, has_fp16_weights=False, threshold=threshold)
                 per_tile.load_state_dict(dense.state_dict())
                 layers["tritonbits per K tile"] = per_tile.to(dev).eval()
+                one_launch = tritonbits.nn.Linear8bitLt(K, N, has_fp16_weights=False, threshold=threshold)
+                one_launch.load_state_dict(dense.state_dict())
+                layers["tritonbits one launch"] = one_launch.to(dev).eval()
                 if bitsandbytes is not None:
                     theirs = bitsandbytes.nn.Linear8bitLt(K, N, has_fp16_weights=False, threshold=threshold)
                     theirs.load_state_dict(dense.state_dict())
@@ -77,9 +82,11 @@ def main() -> int:
                     for name, layer in timed.items():
                         if name == "fp16 nn.Linear" and threshold:
                             continue
-                        if name == "tritonbits per K tile" and M * K > int8_linear.ONE_PROGRAM_ELEMENTS:
+                        if name in ("tritonbits per K tile", "tritonbits one launch") and M * K > one_program:
                             continue  # the same kernels as "tritonbits"
                         int8_linear.ONE_PROGRAM_ELEMENTS = 0 if name == "tritonbits per K tile" else one_program
+                        # (read when the layer's launch is built, at its first call below)
+                        int8_linear.FUSED_A_MAX_WEIGHT = 1 << 40 if name == "tritonbits one launch" else fused_a
                         fn = (lambda layer, x: lambda: layer(x))(layer, x)
                         # bitsandbytes finds outlier columns with a host sync, which graph capture
                         # refuses (and a failed capture leaves the process unable to capture again).
@@ -90,7 +97,8 @@ def main() -> int:
                         rows_out.append(row)
                         fmt = lambda v: "     n/a" if v is None else f"{v:8.1f}"  # noqa: E731
                         int8_linear.ONE_PROGRAM_ELEMENTS = one_program
-                        print(f"{K:>5}x{N:<6} M={M:<3} thr={threshold:<4} {name:<21} eager {fmt(row['eager_us'])} us"
+                        int8_linear.FUSED_A_MAX_WEIGHT = fused_a
+                        print(f"{K:>5}x{N:<6} M={M:<3} thr={threshold:<4} {name:<22} eager {fmt(row['eager_us'])} us"
                               f"   kernel(s) {fmt(row['graph_us'])} us")  # fmt: skip
     write_json(args.out, "int8_decode.json", rows=rows_out)
     return 0

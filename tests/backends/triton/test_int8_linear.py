@@ -39,13 +39,14 @@ def _assert_matches(out, expected, dtype, exact):
         assert (out.float() - expected.float()).abs().max().item() <= _OUTLIER_RTOL[dtype] * scale
 
 
-@pytest.fixture(params=["one program", "per K tile"])
+@pytest.fixture(params=["one program", "per K tile", "in the product"])
 def quantize_launches(request, monkeypatch):
-    """A quantized in one program (small A, the default up to ONE_PROGRAM_ELEMENTS) or by the two
-    kernels of one program per K tile."""
+    """A quantized in one program (small A, the default up to ONE_PROGRAM_ELEMENTS), by the two
+    kernels of one program per K tile, or inside the product kernel (FUSED_A_MAX_WEIGHT)."""
     from tritonbits.backends.triton import int8_linear
 
-    monkeypatch.setattr(int8_linear, "ONE_PROGRAM_ELEMENTS", 1 << 30 if request.param == "one program" else 0)
+    monkeypatch.setattr(int8_linear, "ONE_PROGRAM_ELEMENTS", 0 if request.param == "per K tile" else 1 << 30)
+    monkeypatch.setattr(int8_linear, "FUSED_A_MAX_WEIGHT", 1 << 40 if request.param == "in the product" else 0)
     return request.param
 
 
@@ -262,10 +263,30 @@ def test_linear8bitlt_eager_plan_serves_repeated_calls_and_follows_changes(devic
     assert x_grad.grad is not None and len(full_path_calls) == 7
 
 
+@pytest.mark.parametrize("threshold", [0.0, 3.0])
+def test_small_a_quantized_in_the_product_is_one_launch(device, reference, rng, monkeypatch, threshold):
+    """With FUSED_A_MAX_WEIGHT a call is the product kernel's launch alone; its outlier flags
+    (program 0 writes them) and its output are the reference's."""
+    from tritonbits.backends.triton import int8_linear, kept_launch
+
+    monkeypatch.setattr(int8_linear, "FUSED_A_MAX_WEIGHT", 1 << 40)
+    CB, SCB = _weight(rng, 200, 1000, device)  # 200 outputs: several programs, each quantizing A
+    A = _activations(rng, (2, 1000), torch.float16, device, outlier_every=7 if threshold else 0)
+    launch = int8_linear._fused_launch(A, CB, SCB, None, threshold)
+    assert launch.one_program and launch.fused_a
+    runs = count_calls(monkeypatch, kept_launch.KeptLaunch, "_run")
+    out, flags = launch.launch(A, None)
+    assert len(runs) == 1
+    expected, expected_flags = reference("int8_mixed_linear")(A.cpu(), CB.cpu(), SCB.cpu(), None, threshold)
+    if threshold:
+        assert expected_flags.any() and torch.equal(flags.cpu(), expected_flags)
+    _assert_matches(out.cpu(), expected, torch.float16, exact=not threshold)
+
+
 @pytest.mark.parametrize("K", [3000, 5120, 11008])
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("threshold", [0.0, 3.0])
-def test_k_tiles_that_are_no_power_of_two(device, launcher, reference, rng, K, rows, threshold):
+def test_k_tiles_that_are_no_power_of_two(device, launcher, reference, rng, quantize_launches, K, rows, threshold):
     """K of Llama-2's widths (5120, 11008) and an odd one: the one-program quantize kernel's tile is
     K's tiles rounded up to a power of two (tl.arange takes no other length: these failed)."""
     CB, SCB = _weight(rng, 48, K, device)

@@ -24,7 +24,9 @@ per weight and row count and kept on the layer's state, do all of it with no hos
 
 For a small A (:data:`ONE_PROGRAM_ELEMENTS`: one row of up to 16384) steps 1 and 2 are one
 program holding all of A: one launch fewer, and at decode sizes a launch costs more host time
-than the GPU spends on the step.
+than the GPU spends on the step. With :data:`FUSED_A_MAX_WEIGHT` (opt-in) such a small A is
+quantized inside the product's programs instead, each redoing the rows' absmax from all of A:
+one launch a call.
 
 A first version quantized A inside the product's K loop (one kernel): every program then redid
 that work and the row reductions, 102-110 us on 8192x28672 against 85 us for the product alone,
@@ -69,6 +71,11 @@ FUSED_ROWS = 16
 # K tiles), one program finds the absmax and writes the codes (_absmax_quantize_kernel): one
 # launch fewer, which at decode sizes is host time saved (H200: about 11 us per launch).
 ONE_PROGRAM_ELEMENTS = 16384
+# Weights (N * K) up to which such a small A is quantized inside the product kernel itself, by
+# every program (one launch a call: at decode sizes a launch costs more host time, about 10 us
+# on an H200 host, than the GPU spends on it; the programs' redone work grows with N). Off
+# until timed on a GPU (tests/gpu/int8_decode.py times it as "tritonbits one launch").
+FUSED_A_MAX_WEIGHT = 0
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_WORKSPACES = 16  # (stream, thread) buffer sets kept per launch, see Int8LinearLaunch._workspace
 
@@ -165,12 +172,17 @@ def _absmax_quantize_kernel(
 
 @triton.jit
 def _outlier_columns_product(
-    acc, a_ptr, flags_ptr, cb_cols, scb, offs_m, offs_k, M, K, stride_am, inv_127,
-    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    acc, a_ptr, flags_ptr, cb_cols, scb, offs_m, offs_k, M, K, stride_am, inv_127, threshold,
+    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr, FUSED_A: tl.constexpr,
 ):  # fmt: skip
     """acc [BLOCK_M, BLOCK_N] float32 plus the product of A's outlier columns among offs_k with
-    those columns of CB dequantized to A's dtype (acc unchanged when none of them is flagged)."""
-    columns = tl.load(flags_ptr + offs_k, mask=offs_k < K, other=0)
+    those columns of CB dequantized to A's dtype (acc unchanged when none of them is flagged).
+    The flags are read from ``flags_ptr``, or with FUSED_A found in A itself."""
+    if FUSED_A:
+        x = _load_a(a_ptr, offs_m, offs_k, M, K, stride_am, EVEN_K).to(tl.float16).to(tl.float32)
+        columns = _outlier_columns(x, threshold)
+    else:
+        columns = tl.load(flags_ptr + offs_k, mask=offs_k < K, other=0)
     if tl.max(columns.to(tl.int32), axis=0) != 0:
         a = _load_a(a_ptr, offs_m, offs_k, M, K, stride_am, EVEN_K)
         a = tl.where(columns[None, :] != 0, a, 0.0)
@@ -188,14 +200,20 @@ def _outlier_columns_product(
 @triton.jit
 def _int8_linear_kernel(
     q_ptr, stats_ptr, cb_ptr, scb_ptr, bias_ptr, out_ptr, a_ptr, flags_ptr, tile_flags_ptr,
-    M, N, K, stride_cbn, stride_om, stride_am, inv_127, inv_127_sq,
+    M, N, K, stride_cbn, stride_om, stride_am, inv_127, inv_127_sq, threshold,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, OUTLIERS: tl.constexpr, OUTLIER_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    INTERPRET: tl.constexpr, FUSED_A: tl.constexpr = False, A_ROWS: tl.constexpr = 1, A_COLUMNS: tl.constexpr = 1,
 ):  # fmt: skip
     """BLOCK_N outputs of every row: the int8 product of the codes q [M, K] with CB [N, K],
     dequantized (+ bias); K tiles flagged as holding outlier columns then add those columns'
-    product in A's dtype, OUTLIER_K columns at a time."""
+    product in A's dtype, OUTLIER_K columns at a time.
+
+    FUSED_A (a small A, one [A_ROWS, A_COLUMNS] tile as ``_absmax_quantize_kernel`` takes it):
+    every program finds the rows' absmax itself from all of A and quantizes each K tile of A as
+    it multiplies it (outlier flags from A's tile too), so the call is this one launch; program 0
+    writes the row stats and the outlier flags for the caller. ``q_ptr`` and ``tile_flags_ptr``
+    are then not read."""
     pid_n = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -204,9 +222,30 @@ def _int8_linear_kernel(
     scb = tl.load(scb_ptr + offs_n % N)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     outlier_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if FUSED_A:
+        offs_r = tl.arange(0, A_ROWS)
+        offs_c = tl.arange(0, A_COLUMNS)
+        a_ptrs = a_ptr + offs_r.to(tl.int64)[:, None] * stride_am + offs_c[None, :]
+        a_all = tl.load(a_ptrs, mask=(offs_r < M)[:, None] & (offs_c < K)[None, :], other=0.0)
+        a_all = a_all.to(tl.float16).to(tl.float32)
+        absmax = _chunk_absmax(a_all, threshold, OUTLIERS)  # [A_ROWS]
+        if pid_n == 0:
+            tl.store(stats_ptr + offs_r, absmax, mask=offs_r < M)
+            if OUTLIERS:
+                tl.store(flags_ptr + offs_c, _outlier_columns(a_all, threshold).to(tl.uint8), mask=offs_c < K)
+        # the rows' stats and scales on BLOCK_M rows (0 past A_ROWS)
+        same_row = offs_r[None, :] == offs_m[:, None]
+        row_absmax = tl.sum(tl.where(same_row, absmax[None, :], 0.0), axis=1)
+        row_scale = tl.sum(tl.where(same_row, _row_scale(absmax)[None, :], 0.0), axis=1)
     for k_tile in range(0, tl.cdiv(K, BLOCK_K)):
         offs_k = k_tile * BLOCK_K + ks
-        q = _load_a(q_ptr, offs_m, offs_k, M, K, K, EVEN_K)
+        if FUSED_A:  # A's tile quantized here, as _absmax_quantize_kernel does
+            x = _load_a(a_ptr, offs_m, offs_k, M, K, stride_am, EVEN_K).to(tl.float16).to(tl.float32)
+            if OUTLIERS:
+                x = tl.where(_outlier_columns(x, threshold)[None, :] != 0, 0.0, x)
+            q = round_half_even(x * row_scale[:, None], INTERPRET).to(tl.int8)
+        else:
+            q = _load_a(q_ptr, offs_m, offs_k, M, K, K, EVEN_K)
         if EVEN_K:
             cb = tl.load(cb_cols + offs_k[:, None])
         else:
@@ -218,15 +257,23 @@ def _int8_linear_kernel(
         # no outlier in A). Without outliers this loop is one flag load per tile.
         sub_ks = tl.arange(0, OUTLIER_K)
         for k_tile in range(0, tl.cdiv(K, BLOCK_K)):
-            if tl.load(tile_flags_ptr + k_tile) != 0:
+            if FUSED_A:
+                a_tile = _load_a(a_ptr, offs_m, k_tile * BLOCK_K + ks, M, K, stride_am, EVEN_K)
+                flagged = tl.max(_outlier_columns(a_tile.to(tl.float16).to(tl.float32), threshold), axis=0)
+            else:
+                flagged = tl.load(tile_flags_ptr + k_tile)
+            if flagged != 0:
                 for sub in range(0, BLOCK_K // OUTLIER_K):
                     offs_k = k_tile * BLOCK_K + sub * OUTLIER_K + sub_ks
                     outlier_acc = _outlier_columns_product(
                         outlier_acc, a_ptr, flags_ptr, cb_cols, scb, offs_m, offs_k, M, K, stride_am, inv_127,
-                        EVEN_K, DOT_PRECISION, INTERPRET,
+                        threshold, EVEN_K, DOT_PRECISION, INTERPRET, FUSED_A,
                     )  # fmt: skip
 
-    row_stats = tl.load(stats_ptr + offs_m, mask=offs_m < M, other=0.0)
+    if FUSED_A:
+        row_stats = row_absmax
+    else:
+        row_stats = tl.load(stats_ptr + offs_m, mask=offs_m < M, other=0.0)
     out = dequantize_values(acc, row_stats, scb, bias_ptr, offs_n, N, inv_127_sq, HAS_BIAS, INTERPRET)
     out = cast_rtne(out, out_ptr.dtype.element_ty, INTERPRET)
     if OUTLIERS:
@@ -248,8 +295,9 @@ class _Launch(KeptLaunch):
 
 
 class Int8LinearLaunch:
-    """The three configured kernel launches of one fused call for a weight (CB, SCB), row count
-    and dtype: the rows' partial absmax (and outlier columns), the int8 codes, the product.
+    """The configured kernel launches of one fused call for a weight (CB, SCB), row count and
+    dtype: the rows' partial absmax (and outlier columns), the int8 codes, the product; for a
+    small A the first two are one program, or with ``FUSED_A_MAX_WEIGHT`` part of the product.
 
     ``launch(A, bias)`` returns (output [..., N] in A's dtype, outlier flags bool [K] or None).
     Kept on the ``MatmulLtState`` by :func:`state_int8_launch`: after the first call each kernel
@@ -274,18 +322,19 @@ class Int8LinearLaunch:
         # (the one program's tile: powers of two, K's tiles rounded up, e.g. 11008 -> 16384)
         tile_rows, tile_columns = triton.next_power_of_2(rows), triton.next_power_of_2(self.chunks * block_k)
         self.one_program = tile_rows * tile_columns <= ONE_PROGRAM_ELEMENTS
-        if self.one_program:
+        self.fused_a = self.one_program and N * K <= FUSED_A_MAX_WEIGHT  # the product quantizes A itself
+        if self.one_program and not self.fused_a:
             self.absmax_quantize = _Launch(_absmax_quantize_kernel, (1,), dict(
                 ROWS=tile_rows, COLUMNS=tile_columns, CHUNK=block_k, OUTLIERS=self.outliers,
                 INTERPRET=interpreting()), 8)  # fmt: skip
-        else:
+        elif not self.one_program:
             self.absmax = _Launch(_absmax_chunks_kernel, (self.chunks,), common, 4)
             self.quantize = _Launch(_quantize_chunks_kernel, (self.chunks,), dict(
                 common, CHUNKS_POW2=triton.next_power_of_2(self.chunks), INTERPRET=interpreting()), 4)  # fmt: skip
         self.product = _Launch(_int8_linear_kernel, (triton.cdiv(N, block_n),), dict(
             BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=even_k, HAS_BIAS=has_bias, OUTLIERS=self.outliers,
             OUTLIER_K=min(64, block_k), DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
-            INTERPRET=interpreting()), 4)  # fmt: skip
+            INTERPRET=interpreting(), FUSED_A=self.fused_a, A_ROWS=tile_rows, A_COLUMNS=tile_columns), 4)  # fmt: skip
 
     def launch(self, A: torch.Tensor, bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         rows, N, K = self.rows, self.N, self.K
@@ -296,14 +345,16 @@ class Int8LinearLaunch:
         out = torch.empty(rows, N, device=self.device, dtype=self.dtype)
         a_spec = (a2d.data_ptr() % 16 == 0, a2d.stride(0))
         if self.one_program:
-            self.absmax_quantize((a2d, codes, stats, flag_bytes, tile_flags, rows, K, a2d.stride(0), self.chunks,
-                                  self.threshold), a_spec)  # fmt: skip
+            if not self.fused_a:
+                self.absmax_quantize((a2d, codes, stats, flag_bytes, tile_flags, rows, K, a2d.stride(0), self.chunks,
+                                      self.threshold), a_spec)  # fmt: skip
         else:
             self.absmax((a2d, partial, flag_bytes, tile_flags, rows, K, a2d.stride(0), self.threshold), a_spec)
             self.quantize((a2d, partial, codes, stats, rows, K, a2d.stride(0), self.chunks, self.threshold), a_spec)
         args = (
             codes, stats, self.CB, self.SCB, bias if bias is not None else self.SCB, out, a2d, flag_bytes, tile_flags,
             rows, N, K, self.CB.stride(0), out.stride(0), a2d.stride(0), reference._INV_127, reference._INV_127_SQUARED,
+            self.threshold,
         )  # fmt: skip
         self.product(args, (*a_spec, None if bias is None else bias.data_ptr() % 16 == 0))
         return (out if A.dim() == 2 else out.view(*A.shape[:-1], N)), flags
