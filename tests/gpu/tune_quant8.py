@@ -216,6 +216,9 @@ def time_quantize(copy_bw: float) -> None:
 # warp when blocks >= warps; hot-path SASS instructions per element for AdamW (sm_90, offline
 # count): 143 at (1, 2), 121 at (2, 2) and (4, 4), 119 at (4, 2) and (8, 4) (~150 registers).
 OPTIM_VARIANTS = [(1, 1), (1, 2), (1, 4), (2, 2), (2, 4), (4, 4)]
+# Also timed with the requantize search in shared memory (``optim._SHARED_SEARCH``, opt-in), which
+# stages 6 KiB of tables per program and state: only programs of several blocks can amortize it.
+SHARED_SEARCH_VARIANTS = [(1, 2), (4, 4), (8, 8)]
 # Rule -> (optimizer class, constructor arguments, bytes moved per parameter element: g read, p
 # read and written, codes read and written; absmax is 1/64 byte per state).
 OPTIMIZERS = {
@@ -225,7 +228,7 @@ OPTIMIZERS = {
 }
 
 
-def check_optim_variant(blocks: int, warps: int) -> dict[str, bool]:
+def check_optim_variant(blocks: int, warps: int, shared: bool = False) -> dict[str, bool]:
     """One 8-bit update of adam, lion and momentum (sizes: a partial last block, and whole
     programs: the unmasked variant) against the PyTorch reference on the GPU, bit for bit (NaN
     equal to NaN), with a finite gradient and with the same gradient holding one NaN.
@@ -235,6 +238,7 @@ def check_optim_variant(blocks: int, warps: int) -> dict[str, bool]:
     is NaN (torch's amax), and so are momentum's p there. Returns {"finite": ok, "NaN": ok}.
     """
     optim_kernels._BLOCKS_PER_PROGRAM, optim_kernels._WARPS_8BIT = blocks, warps
+    optim_kernels._SHARED_SEARCH = shared
     gen = torch.Generator(device="cuda").manual_seed(1)
     qmaps = create_dynamic_map(signed=True).cuda(), create_dynamic_map(signed=False).cuda()
     ok = {"finite": True, "NaN": True}
@@ -269,7 +273,8 @@ def check_optim_variant(blocks: int, warps: int) -> dict[str, bool]:
                     shown = sorted(state_blocks)
                     FAILURES.append(
                         f"8-bit {rule} update, {case} gradient (n={n}, gnorm_scale={gnorm_scale}, {blocks} blocks/"
-                        f"program, {warps} warps) differs from the reference in {differing}, in {len(shown)} state "
+                        f"program, {warps} warps, shared search {shared}) differs from the reference in {differing}, "
+                        f"in {len(shown)} state "
                         f"blocks: {shown[:8]}" + (f" (the NaN is in block {n // 3 // 256})" if case == "NaN" else "")
                     )
     return ok
@@ -281,25 +286,27 @@ def time_optimizers(copy_bw: float) -> None:
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen, device="cuda") * 1e-2
     numel = sum(p.numel() for p in params)
-    defaults = (optim_kernels._BLOCKS_PER_PROGRAM, optim_kernels._WARPS_8BIT)
+    defaults = (optim_kernels._BLOCKS_PER_PROGRAM, optim_kernels._WARPS_8BIT, optim_kernels._SHARED_SEARCH)
+    variants = dict.fromkeys([defaults, *((b, w, False) for b, w in OPTIM_VARIANTS),
+                              *((b, w, True) for b, w in SHARED_SEARCH_VARIANTS)])  # each once  # fmt: skip
     for rule, (cls_name, kwargs, bytes_per_param) in OPTIMIZERS.items():
         results = []
-        for blocks, warps in dict.fromkeys([defaults, *OPTIM_VARIANTS]):  # each once
-            identical = check_optim_variant(blocks, warps)
+        for blocks, warps, shared in variants:
+            identical = check_optim_variant(blocks, warps, shared)
             optimizer = getattr(tritonbits.optim, cls_name)(params, **kwargs)
             ms = median_ms(optimizer.step, warmup=3, reps=10)
             fraction = bytes_per_param * numel / (ms * 1e-3) / copy_bw
-            results.append((ms, blocks, warps))
-            print(f"{cls_name} step, 16 x 4096x16384 fp32, {blocks} state blocks/program, {warps} warps: {ms:.2f} ms "
-                  f"{fraction:6.1%} of copy at {bytes_per_param} B/param identical: finite gradient "
-                  f"{identical['finite']}, NaN gradient {identical['NaN']}"
-                  + (" (default)" if (blocks, warps) == defaults else ""), flush=True)  # fmt: skip
+            results.append((ms, blocks, warps, shared))
+            print(f"{cls_name} step, 16 x 4096x16384 fp32, {blocks} state blocks/program, {warps} warps, shared search "
+                  f"{shared}: {ms:.2f} ms {fraction:6.1%} of copy at {bytes_per_param} B/param identical: finite "
+                  f"gradient {identical['finite']}, NaN gradient {identical['NaN']}"
+                  + (" (default)" if (blocks, warps, shared) == defaults else ""), flush=True)  # fmt: skip
             del optimizer
             torch.cuda.empty_cache()
-        ms, blocks, warps = min(results)
-        print(f"{cls_name} BEST {blocks} state blocks/program, {warps} warps: {ms:.2f} ms "
+        ms, blocks, warps, shared = min(results)
+        print(f"{cls_name} BEST {blocks} state blocks/program, {warps} warps, shared search {shared}: {ms:.2f} ms "
               f"{bytes_per_param * numel / (ms * 1e-3) / copy_bw:.1%} of copy", flush=True)  # fmt: skip
-    optim_kernels._BLOCKS_PER_PROGRAM, optim_kernels._WARPS_8BIT = defaults
+    optim_kernels._BLOCKS_PER_PROGRAM, optim_kernels._WARPS_8BIT, optim_kernels._SHARED_SEARCH = defaults
 
 
 def main() -> int:

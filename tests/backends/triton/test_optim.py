@@ -203,6 +203,22 @@ def test_8bit_blockwise_blocks_per_program_options(launcher, reference, rng, dev
     _check_8bit_steps(launcher, reference, name, torch.bfloat16, shape, rng, device, qmaps, hyper, grads, True)
 
 
+@pytest.mark.parametrize("blocks_per_program", [(1, 2), (4, 4)], indirect=True, ids=["1block", "4blocks"])
+@pytest.mark.parametrize("size", [1024, 1300])
+@pytest.mark.parametrize("name", RULES_8BIT)
+def test_8bit_blockwise_shared_search(launcher, reference, rng, device, qmaps, blocks_per_program, monkeypatch, name,
+                                      size):  # fmt: skip
+    # The opt-in requantize search in shared memory (the dynamic maps' cells fit), with a NaN
+    # gradient at the first step (block 1), against the reference bit for bit.
+    from tritonbits.backends.triton import optim
+
+    monkeypatch.setattr(optim, "_SHARED_SEARCH", True)
+    grads = [torch.randn(size, generator=rng) * 0.5 for _ in range(STEPS)]
+    grads[0][300] = float("nan")
+    _check_8bit_steps(launcher, reference, name, torch.float32, (size,), rng, device, qmaps,
+                      dict(HYPER, gnorm_scale=1.0), grads)  # fmt: skip
+
+
 # 1024: whole programs (the unmasked EVEN variant) at 1 and 2 blocks per program; 1300: masked.
 @pytest.mark.parametrize("blocks_per_program", [(1, 2), (2, 2)], indirect=True, ids=["1block", "2blocks"])
 @pytest.mark.parametrize("size", [1024, 1300])

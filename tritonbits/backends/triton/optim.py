@@ -52,7 +52,7 @@ from .quant_blockwise import (
     SPARE_WORD,
     _max_keep_nan,
     final_codes,
-    nearest_rank,
+    fitting_rank,
     search_tables,
 )
 
@@ -89,6 +89,11 @@ _WARPS_32BIT = 8
 # (momentum) 3.85 / 4.32; all bit-identical to the reference.
 _BLOCKS_PER_PROGRAM = 1
 _WARPS_8BIT = 2
+# The requantize search in shared memory (quant_blockwise's SHARED_SEARCH: 6 KiB of tables staged
+# by each program and state, for qmaps whose cells fit, as the dynamic maps' do): L1 gathers of
+# about 10 cache lines a warp traded for staging, which only programs of several blocks can
+# amortize. Off until timed on a GPU (tests/gpu/tune_quant8.py sweeps it with the block counts).
+_SHARED_SEARCH = False
 # multi_tensor_*: tensors at least this large get their own launch (aligned pointers known to
 # the compiler, so 16-byte accesses); smaller ones share one launch.
 _MULTI_MAX_NUMEL = 1 << 20
@@ -189,7 +194,8 @@ def _dequantize(codes_ptr, absmax_ptr, qmap, offsets, mask, blocks, n_blocks, EV
 
 @triton.jit
 def _requantize(values, codes_ptr, absmax_ptr, tables_ptr, offsets, mask, blocks, n_blocks,
-                SIGNED: tl.constexpr, EVEN: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
+                SIGNED: tl.constexpr, EVEN: tl.constexpr, INTERPRET: tl.constexpr,
+                SHARED_SEARCH: tl.constexpr = False):  # fmt: skip
     """Write a [2, BLOCKS, 32, 4] float32 tile (:func:`_block_tile`) as codes (nearest qmap entry)
     and per-block absmax.
 
@@ -214,7 +220,7 @@ def _requantize(values, codes_ptr, absmax_ptr, tables_ptr, offsets, mask, blocks
     tiny = tl.full(absmax.shape, 1.1754943508222875e-38, tl.float32)
     inverse = tl.math.div_rn(tl.full(absmax.shape, 1.0, tl.float32), _max_keep_nan(absmax, tiny))
     scaled = values * inverse
-    rank = nearest_rank(scaled, tables_ptr)
+    rank = fitting_rank(scaled, tables_ptr, SHARED_SEARCH)
     # The case of the value (not of scaled, which can underflow to 0), as the table's row: 0 +0.0
     # or NaN, 1 sign bit set, 2 > 0. Only > 0 matters to the unsigned rule.
     bits = values.to(tl.int32, bitcast=True)
@@ -330,7 +336,7 @@ def _update_8bit_kernel(
     lr, step_size, weight_decay, decay, has_weight_decay, first_step, gnorm_scale,
     RULE: tl.constexpr, SKIP_ZEROS: tl.constexpr, MULTI: tl.constexpr, LOG_TENSORS: tl.constexpr,
     P_DTYPE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr, EVEN: tl.constexpr, SCALE_GRAD: tl.constexpr,
-    ALIGNED: tl.constexpr, INTERPRET: tl.constexpr,
+    ALIGNED: tl.constexpr, INTERPRET: tl.constexpr, SHARED_SEARCH: tl.constexpr = False,
 ):  # fmt: skip
     tile = tl.program_id(0).to(tl.int64)
     if MULTI:
@@ -391,13 +397,13 @@ def _update_8bit_kernel(
             numerator = tl.math.div_rn(m, c1) + alpha * m2
             new_p = param - lr * tl.math.div_rn(numerator, tl.math.div_rn(tl.sqrt_rn(v), c2) + eps)
             _requantize(m2, codes3_ptr, absmax3_ptr, tables1_ptr, offsets, mask, blocks, blocks_left,
-                        SIGNED=True, EVEN=EVEN, INTERPRET=INTERPRET)  # fmt: skip
+                        SIGNED=True, EVEN=EVEN, INTERPRET=INTERPRET, SHARED_SEARCH=SHARED_SEARCH)  # fmt: skip
         new_p = tl.where(has_weight_decay, new_p * decay, new_p)
         new_p = tl.where(finite, new_p, param)
         _requantize(m, codes1_ptr, absmax1_ptr, tables1_ptr, offsets, mask, blocks, blocks_left, SIGNED=True,
-                    EVEN=EVEN, INTERPRET=INTERPRET)  # fmt: skip
+                    EVEN=EVEN, INTERPRET=INTERPRET, SHARED_SEARCH=SHARED_SEARCH)  # fmt: skip
         _requantize(v, codes2_ptr, absmax2_ptr, tables2_ptr, offsets, mask, blocks, blocks_left, SIGNED=False,
-                    EVEN=EVEN, INTERPRET=INTERPRET)  # fmt: skip
+                    EVEN=EVEN, INTERPRET=INTERPRET, SHARED_SEARCH=SHARED_SEARCH)  # fmt: skip
     else:
         s1 = _dequantize(codes1_ptr, absmax1_ptr, qmap1, offsets, mask, blocks, blocks_left, EVEN)
         if RULE != _LION_ID:  # coupled weight decay
@@ -420,7 +426,7 @@ def _update_8bit_kernel(
             new_p = tl.where(keep, param, new_p)
             s1_new = tl.where(keep, s1, s1_new)
         _requantize(s1_new, codes1_ptr, absmax1_ptr, tables1_ptr, offsets, mask, blocks, blocks_left, SIGNED=True,
-                    EVEN=EVEN, INTERPRET=INTERPRET)  # fmt: skip
+                    EVEN=EVEN, INTERPRET=INTERPRET, SHARED_SEARCH=SHARED_SEARCH)  # fmt: skip
     new_p = cast_rtne(new_p, p_ptr.dtype.element_ty, INTERPRET)
     if EVEN:
         tl.store(p_ptr + offsets, new_p)
@@ -635,6 +641,7 @@ def optimizer_update_8bit_blockwise(
         RULE=rule, SKIP_ZEROS=bool(skip_zeros), MULTI=False, LOG_TENSORS=0, P_DTYPE=_TL_DTYPES[p.dtype],
         BLOCKS_PER_PROGRAM=_BLOCKS_PER_PROGRAM, EVEN=n % (_BLOCKS_PER_PROGRAM * STATE_BLOCK) == 0,
         SCALE_GRAD=_scale_grad(rule, gnorm_scale), ALIGNED=False, INTERPRET=interpreting(), num_warps=_WARPS_8BIT,
+        SHARED_SEARCH=_SHARED_SEARCH,
         **_scalars(beta1, beta2, beta3, alpha, eps, weight_decay, step, lr, gnorm_scale), **_launch_options(device),
     )  # fmt: skip
     for work in works[1:]:
@@ -777,6 +784,6 @@ def multi_tensor_update_8bit_blockwise(
         EVEN=all(p.numel() % (_BLOCKS_PER_PROGRAM * STATE_BLOCK) == 0 for _, p, *_ in small),
         SCALE_GRAD=_scale_grad(rule, gnorm_scale),
         ALIGNED=all(t.data_ptr() % 16 == 0 for g, p, s1, s2, _, _ in small for t in (g, p, s1, s2) if t is not None),
-        INTERPRET=interpreting(), num_warps=_WARPS_8BIT,
+        INTERPRET=interpreting(), num_warps=_WARPS_8BIT, SHARED_SEARCH=_SHARED_SEARCH,
         **_scalars(beta1, beta2, beta3, alpha, eps, weight_decay, step, lr, gnorm_scale), **_launch_options(device),
     )  # fmt: skip
