@@ -129,6 +129,24 @@ def test_mm_dequant_non_contiguous(device, launcher, reference, rng):
     assert_one_rounding(out, reference("int8_mm_dequant")(A, row, col, torch.bfloat16))
 
 
+@pytest.mark.parametrize("view", ["strided", "expanded"])
+def test_stats_views_are_read_as_their_values(device, launcher, reference, rng, view):
+    """Row and column stats given as strided or expanded (stride 0) views: the kernels read
+    float32 stats as contiguous, so the launchers must copy such views (they read wrong values)."""
+    M, K, N = 3, 70, 33
+    A, B = _int8((M, K), rng, device), _int8((N, K), rng, device)
+    if view == "strided":
+        row, col = _stats(2 * M, rng, device)[::2], _stats(2 * N, rng, device)[::2]
+    else:
+        row, col = _stats(1, rng, device).expand(M), _stats(1, rng, device).expand(N)
+    assert not (row.is_contiguous() or col.is_contiguous())
+    out = launcher("int8_scaled_mm")(A, B, row, col, None, torch.float16)
+    assert_one_rounding(out, reference("int8_scaled_mm")(A, B, row, col, None, torch.float16))
+    acc = reference("int8_linear_matmul")(A, B)
+    out = launcher("int8_mm_dequant")(acc, row, col, torch.float16, None)
+    assert_one_rounding(out, reference("int8_mm_dequant")(acc, row, col, torch.float16, None))
+
+
 def test_argument_errors(device, launcher, rng):
     A, B = _int8((4, 64), rng, device), _int8((8, 64), rng, device)
     row, col = _stats(4, rng, device), _stats(8, rng, device)

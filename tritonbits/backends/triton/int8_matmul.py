@@ -322,11 +322,12 @@ def int8_linear_matmul(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 
 
 def _float_stats(stats: torch.Tensor, length: int, name: str) -> torch.Tensor:
-    if stats.dtype == torch.float32 and stats.dim() == 1 and stats.shape[0] == length:
+    if stats.dtype == torch.float32 and stats.dim() == 1 and stats.shape[0] == length and stats.is_contiguous():
         return stats  # the common case, without further torch calls (decode is host-bound)
     if stats.numel() != length:
         raise ValueError(f"{name} must hold {length} float32 values (one per row/column), got shape {tuple(stats.shape)}")
-    return stats.reshape(length).to(torch.float32)
+    # the kernels read the stats as contiguous float32 (a strided or expanded view read so was wrong)
+    return stats.reshape(length).to(torch.float32).contiguous()
 
 
 def _out_dtype(dtype: Optional[torch.dtype]) -> torch.dtype:
