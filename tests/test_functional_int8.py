@@ -88,3 +88,15 @@ class TestErrors:
     def test_mm_dequant_dtype(self):
         with pytest.raises(ValueError, match="A must be int32"):
             F.int8_mm_dequant(torch.ones(2, 4), torch.ones(2), torch.ones(4))
+
+
+def test_no_output_columns():
+    # N = 0 (and K = 0 for the dequantize): empty results of the right shapes, as the Triton
+    # launchers give them; the references used to fail reshaping the empty last dimension.
+    g = torch.Generator().manual_seed(0)
+    A = torch.randint(-127, 128, (3, 5), generator=g, dtype=torch.int8)
+    B = torch.empty(0, 5, dtype=torch.int8)
+    assert F.int8_mm_dequant(torch.empty(3, 0, dtype=torch.int32), torch.rand(3, generator=g) + 0.1,
+                             torch.empty(0)).shape == (3, 0)  # fmt: skip
+    assert F.int8_scaled_mm(A, B, torch.rand(3, generator=g) + 0.1, torch.empty(0)).shape == (3, 0)
+    assert F.int8_vectorwise_dequant(torch.empty(3, 0, dtype=torch.int8), torch.rand(3, generator=g)).shape == (3, 0)

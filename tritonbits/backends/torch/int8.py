@@ -8,6 +8,8 @@ column holding one is reported so that it can be multiplied in 16-bit instead.
 
 from __future__ import annotations
 
+import math
+
 from typing import Optional
 
 import torch
@@ -33,10 +35,15 @@ def quantize_rows(A2d: torch.Tensor, mask: Optional[torch.Tensor]) -> tuple[torc
     return torch.round(A2d * scale.unsqueeze(1)).to(torch.int8), row_stats
 
 
+def _rows(A: torch.Tensor) -> torch.Tensor:
+    """A [..., K] as [rows, K]; unlike ``reshape(-1, K)`` also for K = 0 (an empty last dim)."""
+    return A.reshape(math.prod(A.shape[:-1]), A.shape[-1])
+
+
 @register_reference("int8_vectorwise_quant")
 def int8_vectorwise_quant(A: torch.Tensor, threshold: float = 0.0):
     """A [..., K] float -> (int8 [..., K], float32 row stats [rows], int64 outlier columns or None)."""
-    A2d = A.reshape(-1, A.shape[-1])
+    A2d = _rows(A)
     mask = outlier_mask(A2d, threshold)
     out, row_stats = quantize_rows(A2d, mask)
     outlier_cols = None
@@ -50,7 +57,7 @@ def int8_vectorwise_quant(A: torch.Tensor, threshold: float = 0.0):
 @register_reference("int8_vectorwise_dequant")
 def int8_vectorwise_dequant(A: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
     """int8 [..., K] and row stats [rows] -> float32 ``A * stats / 127``."""
-    return (A.reshape(-1, A.shape[-1]) * stats.view(-1, 1) * _INV_127).view(A.shape)
+    return (_rows(A) * stats.view(-1, 1) * _INV_127).view(A.shape)
 
 
 @register_reference("int8_linear_matmul")
@@ -65,7 +72,7 @@ def int8_linear_matmul(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 @register_reference("int8_mm_dequant")
 def int8_mm_dequant(A, row_stats, col_stats, dtype: Optional[torch.dtype] = None, bias=None) -> torch.Tensor:
     """int32 [..., N] -> ``A * row_stats * col_stats / 127**2 (+ bias)`` in ``dtype`` (default float16)."""
-    A2d = A.reshape(-1, A.shape[-1])
+    A2d = _rows(A)
     out = A2d * (row_stats.reshape(-1, 1) * col_stats.reshape(1, -1)) * _INV_127_SQUARED
     if bias is not None:
         out = out + bias
@@ -79,7 +86,7 @@ def int8_double_quant(A: torch.Tensor, threshold: float = 0.0):
     Returns (int8 rows, int8 cols, float32 row stats [rows], float32 col stats [K], outlier columns).
     """
     out_row, row_stats, outlier_cols = int8_vectorwise_quant(A, threshold)
-    A2d = A.reshape(-1, A.shape[-1])
+    A2d = _rows(A)
     mask = outlier_mask(A2d, threshold)
     if mask is not None:
         A2d = A2d.masked_fill(mask, 0.0)
@@ -107,7 +114,7 @@ def int8_mixed_linear(A, CB, SCB, bias=None, threshold: float = 0.0):
     Returns (output [..., N] in A's dtype, bool [K] outlier-column flags, None without threshold).
     """
     K = A.shape[-1]
-    A2d = A.reshape(-1, K)
+    A2d = _rows(A)
     CA, SCA, outlier_cols = int8_vectorwise_quant(A2d.to(torch.float16), threshold)
     out = int8_scaled_mm(CA, CB, SCA, SCB, bias=bias, dtype=A.dtype)
     flags = None
